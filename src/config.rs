@@ -1,0 +1,171 @@
+//! Store configuration and its policies.
+
+use crate::clock::{Clock, SystemClock};
+use crate::crypto::keyring::{MAX_BUCKETS, MAX_MODEL_ID};
+use crate::crypto::keys::KeyProvider;
+use crate::embedding::MAX_DIMENSION;
+use crate::error::{Error, Result};
+use crate::matcher::Threshold;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Default bucket count: a revocation re-wraps about N/4096 live DEKs.
+pub const DEFAULT_BUCKETS: u32 = 4096;
+/// Default maximum number of templates per subject.
+pub const DEFAULT_MAX_TEMPLATES: usize = 5;
+/// Default maximum consent lifetime: three years (BIPA §15(a)'s outer limit).
+pub const DEFAULT_MAX_CONSENT_LIFETIME: Duration = Duration::from_secs(3 * 365 * 86_400);
+
+/// When a revocation's crypto-shred happens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ShredPolicy {
+    /// `revoke` rotates the bucket's KEK before it returns (the default).
+    #[default]
+    Immediate,
+    /// `revoke` removes the records and marks the bucket; the KEK rotation
+    /// happens at the next [`crate::Store::shred`]. Until then the revoked
+    /// subject is gone for every API, but an old copy of the data files plus
+    /// the current keyring could still open it. Use it to coalesce bulk
+    /// revocations; call `shred` on a schedule.
+    Deferred,
+}
+
+/// Configuration of a [`crate::Store`]. Model and threshold must be set.
+///
+/// ```
+/// use bioseal::{RootKey, StoreConfig, Threshold};
+/// let cfg = StoreConfig::new("/var/lib/bioseal", RootKey::from_bytes([1; 32]))
+///     .model("arcface-r100", 512)
+///     .threshold(Threshold::cosine(0.36))
+///     .max_templates(3);
+/// assert!(format!("{cfg:?}").contains("[REDACTED]"));
+/// ```
+pub struct StoreConfig {
+    pub(crate) dir: PathBuf,
+    pub(crate) key: Box<dyn KeyProvider>,
+    pub(crate) model: Option<(String, usize)>,
+    pub(crate) threshold: Option<Threshold>,
+    pub(crate) max_templates: usize,
+    pub(crate) buckets: u32,
+    pub(crate) shred: ShredPolicy,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) max_consent_lifetime: Duration,
+}
+
+impl StoreConfig {
+    /// A configuration for the store in `dir`, whose keyring is sealed by the
+    /// root key that `key` supplies. Keep the root key outside `dir`.
+    pub fn new(dir: impl Into<PathBuf>, key: impl KeyProvider + 'static) -> Self {
+        StoreConfig {
+            dir: dir.into(),
+            key: Box::new(key),
+            model: None,
+            threshold: None,
+            max_templates: DEFAULT_MAX_TEMPLATES,
+            buckets: DEFAULT_BUCKETS,
+            shred: ShredPolicy::Immediate,
+            clock: Arc::new(SystemClock),
+            max_consent_lifetime: DEFAULT_MAX_CONSENT_LIFETIME,
+        }
+    }
+
+    /// The embedding model's id (1–64 bytes) and dimension (1–4096). Fixed
+    /// when the store is created; opening with another model fails.
+    pub fn model(mut self, id: impl Into<String>, dimension: usize) -> Self {
+        self.model = Some((id.into(), dimension));
+        self
+    }
+
+    /// The decision threshold.
+    pub fn threshold(mut self, t: Threshold) -> Self {
+        self.threshold = Some(t);
+        self
+    }
+
+    /// Maximum templates per subject (1–64).
+    pub fn max_templates(mut self, n: usize) -> Self {
+        self.max_templates = n;
+        self
+    }
+
+    /// Bucket count (1–65536), fixed when the store is created; ignored
+    /// when opening an existing store.
+    pub fn buckets(mut self, b: u32) -> Self {
+        self.buckets = b;
+        self
+    }
+
+    /// When revocations are shredded.
+    pub fn shred_policy(mut self, p: ShredPolicy) -> Self {
+        self.shred = p;
+        self
+    }
+
+    /// The clock (tests use [`crate::ManualClock`]).
+    pub fn clock(mut self, c: impl Clock + 'static) -> Self {
+        self.clock = Arc::new(c);
+        self
+    }
+
+    /// Longest consent accepted at enrollment.
+    pub fn max_consent_lifetime(mut self, d: Duration) -> Self {
+        self.max_consent_lifetime = d;
+        self
+    }
+
+    /// Check every setting; returns (model id, dimension, threshold).
+    pub(crate) fn validate(&self) -> Result<(String, usize, Threshold)> {
+        let (id, dim) = self
+            .model
+            .clone()
+            .ok_or_else(|| Error::Config("no model set (StoreConfig::model)".into()))?;
+        if id.is_empty() || id.len() > MAX_MODEL_ID {
+            return Err(Error::Config(format!(
+                "model id must be 1-{MAX_MODEL_ID} bytes"
+            )));
+        }
+        if !(1..=MAX_DIMENSION).contains(&dim) {
+            return Err(Error::Config(format!(
+                "dimension must be 1-{MAX_DIMENSION}"
+            )));
+        }
+        let t = self
+            .threshold
+            .ok_or_else(|| Error::Config("no threshold set (StoreConfig::threshold)".into()))?;
+        if !t.is_valid() {
+            return Err(Error::Config(
+                "threshold must be a finite cosine in [-1, 1]".into(),
+            ));
+        }
+        if !(1..=64).contains(&self.max_templates) {
+            return Err(Error::Config("max_templates must be 1-64".into()));
+        }
+        if !(1..=MAX_BUCKETS).contains(&self.buckets) {
+            return Err(Error::Config(format!("buckets must be 1-{MAX_BUCKETS}")));
+        }
+        if self.max_consent_lifetime.is_zero() {
+            return Err(Error::Config(
+                "max_consent_lifetime must be positive".into(),
+            ));
+        }
+        Ok((id, dim, t))
+    }
+}
+
+impl fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("dir", &self.dir)
+            .field("key", &format_args!("[REDACTED]"))
+            .field("model", &self.model)
+            .field("threshold", &self.threshold)
+            .field("max_templates", &self.max_templates)
+            .field("buckets", &self.buckets)
+            .field("shred", &self.shred)
+            .field("clock", &self.clock)
+            .field("max_consent_lifetime", &self.max_consent_lifetime)
+            .finish()
+    }
+}

@@ -1,0 +1,130 @@
+//! Typed errors. No variant carries template values, similarity scores,
+//! key material or subject identifiers.
+
+use crate::clock::Timestamp;
+
+/// Result alias used throughout bioseal.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why an embedding was refused. Carries sizes only, never values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum EmbeddingError {
+    /// The vector does not have the store's dimension.
+    #[error("wrong dimension: the store expects {expected}, got {got}")]
+    WrongDimension {
+        /// Dimension fixed when the store was created.
+        expected: usize,
+        /// Length of the vector that was passed.
+        got: usize,
+    },
+    /// A component is NaN or infinite.
+    #[error("a component is NaN or infinite")]
+    NonFinite,
+    /// The vector's L2 norm is (close to) zero, so it has no direction.
+    #[error("the vector is zero or too close to zero to normalise")]
+    NearZero,
+}
+
+/// Why a consent was refused at enrollment.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConsentError {
+    /// The consent names no purpose.
+    #[error("consent names no purpose")]
+    NoPurpose,
+    /// The consent has no expiry.
+    #[error("consent has no expiry")]
+    NoExpiry,
+    /// The expiry is not after the current time.
+    #[error("consent expiry is not in the future")]
+    ExpiryNotInFuture,
+    /// The expiry is further away than the store's maximum consent lifetime.
+    #[error("consent lifetime exceeds the store's maximum of {max_secs} s")]
+    LifetimeTooLong {
+        /// The configured maximum, in seconds.
+        max_secs: u64,
+    },
+    /// A purpose name is empty, too long, or uses characters outside `[a-z0-9._-]`.
+    #[error("invalid purpose name (1-64 characters of a-z 0-9 . _ -)")]
+    InvalidPurpose,
+}
+
+/// Every error bioseal returns.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The subject is not enrolled (never was, or was revoked or expired).
+    #[error("subject is not enrolled")]
+    NotEnrolled,
+    /// The subject's consent has expired; the subject has been revoked and shredded.
+    #[error("consent has expired; the subject was revoked")]
+    ConsentExpired,
+    /// The purpose of the request is not among the consented purposes.
+    #[error("purpose is not consented")]
+    PurposeNotConsented,
+    /// Too many consecutive failed verifications.
+    #[error("subject is locked out until {until}")]
+    LockedOut {
+        /// Earliest time of the next accepted attempt.
+        until: Timestamp,
+    },
+    /// The store was created for another embedding model or dimension.
+    #[error("model mismatch: store holds `{stored}`, configuration asks for `{configured}`")]
+    ModelMismatch {
+        /// Model id and dimension recorded in the store.
+        stored: String,
+        /// Model id and dimension of the configuration.
+        configured: String,
+    },
+    /// The embedding was refused.
+    #[error("invalid embedding: {0}")]
+    InvalidEmbedding(#[from] EmbeddingError),
+    /// The consent was refused.
+    #[error("invalid consent: {0}")]
+    InvalidConsent(#[from] ConsentError),
+    /// The subject identifier is empty or longer than 1024 bytes.
+    #[error("invalid subject identifier (1-1024 bytes)")]
+    InvalidSubject,
+    /// The subject already holds the configured maximum number of templates.
+    #[error("subject already holds the maximum of {max} templates")]
+    TooManyTemplates {
+        /// The configured maximum.
+        max: usize,
+    },
+    /// Stored data failed authentication or is structurally invalid.
+    #[error("tampered or corrupted data: {what}")]
+    Tampered {
+        /// Which structure failed (never its content).
+        what: &'static str,
+    },
+    /// The root key does not open this store.
+    #[error("wrong root key for this store")]
+    WrongRootKey,
+    /// A key needed to open a record does not exist (it was shredded, or the
+    /// keyring is missing).
+    #[error("key unavailable: {what}")]
+    KeyUnavailable {
+        /// Which key is missing.
+        what: &'static str,
+    },
+    /// A root key file is readable by group or others, or is malformed.
+    #[error("invalid root key: {0}")]
+    InvalidRootKey(String),
+    /// The sled data and the keyring belong to different stores.
+    #[error("the data directory and the keyring belong to different stores")]
+    StoreMismatch,
+    /// The configuration is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// An I/O error on the keyring or a key file.
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    /// An error from the embedded database.
+    #[error("storage error: {0}")]
+    Storage(#[from] sled::Error),
+}
+
+impl Error {
+    pub(crate) fn tampered(what: &'static str) -> Self {
+        Error::Tampered { what }
+    }
+}

@@ -1,0 +1,126 @@
+//! # bioseal
+//!
+//! Consent-enforcing, crypto-shredding storage for face-embedding templates.
+//!
+//! A verification service links bioseal in, enrolls a person's embedding
+//! under that person's consent, and later asks one question: *is this new
+//! embedding the same person?* The answer is [`Decision::Match`] or
+//! [`Decision::NoMatch`], nothing else.
+//!
+//! - Templates are sealed per subject (AES-256-GCM under a random data key,
+//!   wrapped under one of B bucket keys, which the keyring holds sealed by a
+//!   root key kept outside the data directory). Records are keyed by a keyed
+//!   pseudonym, never by the subject id.
+//! - Comparison is a fixed-point integer dot product with a constant-time
+//!   threshold test; no score ever leaves the crate.
+//! - Consent is enforced: no enrollment without purposes and an expiry, no
+//!   verification for another purpose or after expiry.
+//! - [`Store::revoke`] crypto-shreds: it rotates the subject's bucket key and
+//!   overwrites the old one in place, so no copy of the data files can bring
+//!   the template back.
+//!
+//! SECURITY.md in the repository is the threat model.
+//!
+//! ## Example
+//!
+//! ```
+//! use bioseal::{Consent, Decision, Embedding, Error, Purpose, RootKey, Store, StoreConfig,
+//!               Threshold, Timestamp};
+//!
+//! # fn main() -> Result<(), Error> {
+//! let data = tempfile::tempdir()?;           // the data directory
+//! let secrets = tempfile::tempdir()?;        // elsewhere: the root key
+//! let key_path = secrets.path().join("root.key");
+//! RootKey::generate()?.write_new_file(&key_path)?;   // mode 0600
+//!
+//! let store = Store::open(
+//!     StoreConfig::new(data.path(), RootKey::from_file(&key_path)?)
+//!         .model("example-model", 4)
+//!         .threshold(Threshold::cosine(0.8)),
+//! )?;
+//!
+//! let one_year = Timestamp::from_unix_secs(
+//!     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+//!         + 365 * 86_400,
+//! );
+//! let consent = Consent::new([Purpose::IDENTITY_VERIFICATION])
+//!     .expires_at(one_year)
+//!     .evidence([0u8; 32]); // SHA-256 of the signed release
+//! store.enroll("user-42", Embedding::new(vec![0.9, 0.1, 0.3, 0.2]), consent)?;
+//!
+//! let same = Embedding::new(vec![0.88, 0.12, 0.31, 0.19]);
+//! assert_eq!(store.verify("user-42", &Purpose::IDENTITY_VERIFICATION, same)?, Decision::Match);
+//!
+//! let other = Embedding::new(vec![-0.2, 0.9, -0.1, 0.3]);
+//! assert_eq!(store.verify("user-42", &Purpose::IDENTITY_VERIFICATION, other)?, Decision::NoMatch);
+//!
+//! // Not consented for this purpose:
+//! let probe = Embedding::new(vec![0.9, 0.1, 0.3, 0.2]);
+//! assert!(matches!(
+//!     store.verify("user-42", &Purpose::IMPERSONATION_CHECK, probe),
+//!     Err(Error::PurposeNotConsented)
+//! ));
+//!
+//! store.revoke("user-42")?;   // records removed, bucket key rotated and overwritten
+//! let probe = Embedding::new(vec![0.9, 0.1, 0.3, 0.2]);
+//! assert!(matches!(
+//!     store.verify("user-42", &Purpose::IDENTITY_VERIFICATION, probe),
+//!     Err(Error::NotEnrolled)
+//! ));
+//! # Ok(())
+//! # }
+//! ```
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod clock;
+mod config;
+mod consent;
+mod crypto;
+mod embedding;
+mod error;
+mod failpoint;
+pub mod forensics;
+mod matcher;
+mod storage;
+mod store;
+
+pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
+pub use config::{
+    ShredPolicy, StoreConfig, DEFAULT_BUCKETS, DEFAULT_MAX_CONSENT_LIFETIME, DEFAULT_MAX_TEMPLATES,
+};
+pub use consent::{Consent, Purpose};
+pub use crypto::keyring::MAX_BUCKETS;
+pub use crypto::keys::{KeyProvider, RootKey};
+pub use embedding::{Embedding, MAX_DIMENSION};
+pub use error::{ConsentError, EmbeddingError, Error, Result};
+pub use matcher::{Decision, Threshold};
+pub use store::{ShredReceipt, ShredStatus, Store, StoreStats};
+
+/// Decoders exposed for the fuzz targets and the decoding property tests.
+/// Not a stable API.
+#[doc(hidden)]
+pub mod __fuzz {
+    use crate::error::Result;
+
+    pub use crate::crypto::keyring::parse_image as parse_keyring;
+
+    /// Decode a subject record envelope.
+    pub fn decode_record(bytes: &[u8]) -> Result<()> {
+        crate::storage::SubjectRecord::decode(bytes).map(|_| ())
+    }
+
+    /// Decode a subject payload for dimension `dim`.
+    pub fn decode_payload(bytes: &[u8], dim: usize) -> Result<()> {
+        crate::storage::SubjectPayload::decode(bytes, dim).map(|_| ())
+    }
+
+    /// Validate and quantise an embedding.
+    pub fn quantize(values: Vec<f32>, dim: usize) -> Result<()> {
+        crate::embedding::Embedding::new(values)
+            .quantize(dim)
+            .map(|_| ())
+            .map_err(Into::into)
+    }
+}

@@ -1,0 +1,112 @@
+//! On-disk records and the sled trees that hold them.
+//!
+//! Tree `records`:
+//! - `b'S' | bucket (u32 BE) | pseudonym (32)` → [`SubjectRecord`]
+//! - `b'P' | bucket (u32 BE)` → empty: a revocation in that bucket awaits its shred
+//!
+//! Tree `meta`: `store-id` → the 16-byte store id, paired with the keyring's.
+//!
+//! Keys sort by bucket, so a rotation visits only its bucket's records.
+
+pub(crate) mod record;
+
+use crate::crypto::pseudonym::Pseudonym;
+use crate::error::{Error, Result};
+use std::path::Path;
+
+pub(crate) use record::{SubjectPayload, SubjectRecord};
+
+const SUBJECT: u8 = b'S';
+const PENDING: u8 = b'P';
+
+/// Key of a subject record.
+pub(crate) fn subject_key(bucket: u32, p: &Pseudonym) -> [u8; 37] {
+    let mut k = [0u8; 37];
+    k[0] = SUBJECT;
+    k[1..5].copy_from_slice(&bucket.to_be_bytes());
+    k[5..].copy_from_slice(&p.0);
+    k
+}
+
+/// Prefix of every subject record in a bucket.
+pub(crate) fn bucket_prefix(bucket: u32) -> [u8; 5] {
+    let mut k = [SUBJECT, 0, 0, 0, 0];
+    k[1..5].copy_from_slice(&bucket.to_be_bytes());
+    k
+}
+
+/// Key of a bucket's pending-shred marker.
+pub(crate) fn pending_key(bucket: u32) -> [u8; 5] {
+    let mut k = [PENDING, 0, 0, 0, 0];
+    k[1..5].copy_from_slice(&bucket.to_be_bytes());
+    k
+}
+
+/// Split a subject key into bucket and pseudonym.
+pub(crate) fn parse_subject_key(k: &[u8]) -> Option<(u32, Pseudonym)> {
+    if k.len() != 37 || k[0] != SUBJECT {
+        return None;
+    }
+    let mut b = [0u8; 4];
+    b.copy_from_slice(&k[1..5]);
+    let mut p = [0u8; 32];
+    p.copy_from_slice(&k[5..]);
+    Some((u32::from_be_bytes(b), Pseudonym(p)))
+}
+
+/// Bucket of a pending-shred marker key.
+pub(crate) fn parse_pending_key(k: &[u8]) -> Option<u32> {
+    if k.len() != 5 || k[0] != PENDING {
+        return None;
+    }
+    let mut b = [0u8; 4];
+    b.copy_from_slice(&k[1..5]);
+    Some(u32::from_be_bytes(b))
+}
+
+/// The sled database of a store.
+pub(crate) struct Db {
+    pub(crate) db: sled::Db,
+    pub(crate) records: sled::Tree,
+    pub(crate) meta: sled::Tree,
+}
+
+const STORE_ID_KEY: &[u8] = b"store-id";
+
+impl Db {
+    pub(crate) fn open(path: &Path) -> Result<Db> {
+        let db = sled::Config::new().path(path).open()?;
+        let records = db.open_tree("records")?;
+        let meta = db.open_tree("meta")?;
+        Ok(Db { db, records, meta })
+    }
+
+    /// The store id recorded in the database, if any.
+    pub(crate) fn store_id(&self) -> Result<Option<[u8; 16]>> {
+        match self.meta.get(STORE_ID_KEY)? {
+            None => Ok(None),
+            Some(v) if v.len() == 16 => {
+                let mut id = [0u8; 16];
+                id.copy_from_slice(&v);
+                Ok(Some(id))
+            }
+            Some(_) => Err(Error::tampered("store id record")),
+        }
+    }
+
+    pub(crate) fn set_store_id(&self, id: &[u8; 16]) -> Result<()> {
+        self.meta.insert(STORE_ID_KEY, id.as_slice())?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Buckets with a pending shred.
+    pub(crate) fn pending_buckets(&self) -> Result<Vec<u32>> {
+        let mut out = Vec::new();
+        for kv in self.records.scan_prefix([PENDING]) {
+            let (k, _) = kv?;
+            out.push(parse_pending_key(&k).ok_or(Error::tampered("pending-shred marker"))?);
+        }
+        Ok(out)
+    }
+}
