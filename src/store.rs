@@ -339,22 +339,42 @@ impl Store {
         }
     }
 
-    /// Load a record and unwrap its DEK, retrying once if a concurrent
-    /// rotation re-wrapped it between the read and the key lookup.
+    /// Load a record and unwrap its DEK. If a concurrent rotation re-wrapped
+    /// the record between the read and the key lookup, its generation has
+    /// moved on: read it again (a few times at most). If the generation did
+    /// not move, the key really is gone.
     fn load_unwrapped(
         &self,
         p: &Pseudonym,
         b: u32,
         key: &[u8],
     ) -> Result<(SubjectRecord, Zeroizing<[u8; 32]>)> {
-        let mut retried = false;
-        loop {
+        self.load_unwrapped_with(p, b, key, &mut || Ok(()))
+    }
+
+    /// `load_unwrapped`, calling `between` after each read: tests use it to
+    /// rotate the bucket exactly inside the race window.
+    fn load_unwrapped_with(
+        &self,
+        p: &Pseudonym,
+        b: u32,
+        key: &[u8],
+        between: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<(SubjectRecord, Zeroizing<[u8; 32]>)> {
+        let mut last_gen = None;
+        for _ in 0..8 {
             let rec = self.load(key)?.ok_or(Error::NotEnrolled)?;
+            between()?;
             match self.unwrap_dek(p, b, &rec) {
-                Err(Error::KeyUnavailable { .. }) if !retried => retried = true,
+                Err(Error::KeyUnavailable { .. }) if last_gen != Some(rec.generation) => {
+                    last_gen = Some(rec.generation);
+                }
                 r => return r.map(|dek| (rec, dek)),
             }
         }
+        Err(Error::KeyUnavailable {
+            what: "the record's key kept changing under concurrent rotations",
+        })
     }
 
     fn unwrap_dek(
@@ -530,6 +550,12 @@ fn check_subject(subject: &str) -> Result<()> {
     Ok(())
 }
 
+// `Store` must stay shareable across threads.
+const _: fn() = || {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Store>();
+};
+
 /// Crate-internal access for the forensics unit test.
 #[cfg(test)]
 impl Store {
@@ -539,8 +565,168 @@ impl Store {
     }
 }
 
-// `Store` must stay shareable across threads.
-const _: fn() = || {
-    fn send_sync<T: Send + Sync>() {}
-    send_sync::<Store>();
-};
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ManualClock, RootKey, Threshold};
+
+    const DIM: usize = 8;
+
+    fn config(dir: &Path, policy: ShredPolicy) -> StoreConfig {
+        StoreConfig::new(dir, RootKey::from_bytes([9; 32]))
+            .model("m", DIM)
+            .threshold(Threshold::cosine(0.9))
+            .buckets(1)
+            .shred_policy(policy)
+            .clock(ManualClock::new(Timestamp::from_unix_secs(1_000)))
+    }
+
+    fn vec_for(i: usize) -> Vec<f32> {
+        (0..DIM)
+            .map(|j| {
+                if j == i % DIM {
+                    1.0
+                } else {
+                    0.05 * (i / DIM) as f32
+                }
+            })
+            .collect()
+    }
+
+    fn populate(store: &Store, n: usize) {
+        for i in 0..n {
+            let c = Consent::new([Purpose::IDENTITY_VERIFICATION])
+                .expires_at(Timestamp::from_unix_secs(99_999));
+            store
+                .enroll(&format!("s{i}"), Embedding::new(vec_for(i)), c)
+                .expect("enroll");
+        }
+    }
+
+    fn all_match(store: &Store, n: usize) {
+        for i in 0..n {
+            let d = store
+                .verify(
+                    &format!("s{i}"),
+                    &Purpose::IDENTITY_VERIFICATION,
+                    Embedding::new(vec_for(i)),
+                )
+                .expect("verify");
+            assert_eq!(d, Decision::Match, "s{i}");
+        }
+    }
+
+    fn keyring_slot_bytes(dir: &Path) -> (Vec<u8>, Vec<u8>) {
+        let k = std::fs::read(dir.join(KEYRING_FILE)).expect("read");
+        (k[512..640].to_vec(), k[640..768].to_vec())
+    }
+
+    /// Crash right after the new KEK slot was synced: on reopen the rotation
+    /// is completed (every DEK re-wrapped, old slot zeroed) before anything else.
+    #[test]
+    fn rotation_interrupted_after_new_slot_is_completed_on_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(config(dir.path(), ShredPolicy::Immediate)).expect("open");
+            populate(&store, 6);
+            assert_eq!(store.keyring.begin_rotation(0).expect("begin"), 2);
+            // "crash": drop without finishing
+        }
+        let (a, b) = keyring_slot_bytes(dir.path());
+        assert!(
+            a.iter().any(|&x| x != 0) && b.iter().any(|&x| x != 0),
+            "both slots live"
+        );
+        let store = Store::open(config(dir.path(), ShredPolicy::Immediate)).expect("reopen");
+        let (a, _) = keyring_slot_bytes(dir.path());
+        assert!(a.iter().all(|&x| x == 0), "old slot zeroed on open");
+        let s = store.stats().expect("stats");
+        assert_eq!((s.generation_min, s.generation_max), (2, 2));
+        all_match(&store, 6);
+        for kv in store.db.records.scan_prefix([b'S']) {
+            let (_, v) = kv.expect("kv");
+            assert_eq!(SubjectRecord::decode(&v).expect("decode").generation, 2);
+        }
+    }
+
+    /// Crash after the re-wrap batch was flushed but before the old slot was
+    /// zeroed.
+    #[test]
+    fn rotation_interrupted_before_zeroing_is_completed_on_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(config(dir.path(), ShredPolicy::Immediate)).expect("open");
+            populate(&store, 6);
+            let g = store.keyring.begin_rotation(0).expect("begin");
+            let mut batch = sled::Batch::default();
+            store.rewrap_into(&mut batch, 0, g, None).expect("rewrap");
+            store.db.records.apply_batch(batch).expect("apply");
+            store.db.db.flush().expect("flush");
+        }
+        let store = Store::open(config(dir.path(), ShredPolicy::Immediate)).expect("reopen");
+        assert!(keyring_slot_bytes(dir.path()).0.iter().all(|&x| x == 0));
+        assert!(!store.keyring.is_rotating(0).expect("state"));
+        all_match(&store, 6);
+    }
+
+    /// A deferred revocation left pending is shredded on open once the store
+    /// runs with immediate shredding.
+    #[test]
+    fn pending_shred_runs_on_open_with_immediate_policy() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(config(dir.path(), ShredPolicy::Deferred)).expect("open");
+            populate(&store, 3);
+            assert_eq!(
+                store.revoke("s1").expect("revoke").status,
+                ShredStatus::Pending
+            );
+        }
+        {
+            let store = Store::open(config(dir.path(), ShredPolicy::Deferred)).expect("reopen");
+            assert_eq!(
+                store.stats().expect("stats").pending_shreds,
+                1,
+                "deferred stays pending"
+            );
+        }
+        let store = Store::open(config(dir.path(), ShredPolicy::Immediate)).expect("reopen");
+        let s = store.stats().expect("stats");
+        assert_eq!((s.pending_shreds, s.generation_max, s.subjects), (0, 2, 2));
+    }
+
+    /// A rotation that completes between reading a record and looking up
+    /// its KEK must not fail the verify: the record is read again.
+    #[test]
+    fn verify_survives_rotations_inside_the_race_window() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(config(dir.path(), ShredPolicy::Immediate)).expect("open");
+        populate(&store, 2);
+        let (p, b, key) = store.locate("s0");
+        for rotations_in_window in [1, 3, 7] {
+            let mut left = rotations_in_window;
+            let r = store.load_unwrapped_with(&p, b, &key, &mut || {
+                if left > 0 {
+                    left -= 1;
+                    let g = store.lock(b);
+                    store.rotate(b, None, &g)?;
+                }
+                Ok(())
+            });
+            assert!(r.is_ok(), "{rotations_in_window} rotations: {:?}", r.err());
+        }
+        all_match(&store, 2);
+    }
+
+    #[test]
+    fn re_enrollment_after_revocation_gets_a_new_dek() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(config(dir.path(), ShredPolicy::Immediate)).expect("open");
+        populate(&store, 1);
+        let first = store.test_dek("s0").expect("dek");
+        store.revoke("s0").expect("revoke");
+        populate(&store, 1);
+        let second = store.test_dek("s0").expect("dek");
+        assert_ne!(*first, *second);
+    }
+}

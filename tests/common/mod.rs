@@ -1,0 +1,140 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use bioseal::{
+    Consent, Embedding, ManualClock, Purpose, RootKey, Store, StoreConfig, Threshold, Timestamp,
+};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const DIM: usize = 128;
+pub const MODEL: &str = "test-model";
+/// Start of every test clock: 2026-01-01.
+pub const T0: u64 = 1_767_225_600;
+pub const DAY: Duration = Duration::from_secs(86_400);
+
+/// Deterministic generator (splitmix64) with Gaussian samples.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    pub fn gauss(&mut self) -> f32 {
+        let u1 = ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+        let u2 = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+    }
+
+    /// A random unit vector.
+    pub fn unit(&mut self, d: usize) -> Vec<f32> {
+        let v: Vec<f32> = (0..d).map(|_| self.gauss()).collect();
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.into_iter().map(|x| x / n).collect()
+    }
+
+    /// `base` plus Gaussian noise of relative size `sigma` (cosine to base
+    /// about 1/sqrt(1 + sigma^2)).
+    pub fn noisy(&mut self, base: &[f32], sigma: f32) -> Vec<f32> {
+        let s = sigma / (base.len() as f32).sqrt();
+        base.iter().map(|x| x + s * self.gauss()).collect()
+    }
+}
+
+/// A store under test: its data dir, root key dir and manual clock.
+pub struct Fixture {
+    pub data: tempfile::TempDir,
+    pub secrets: tempfile::TempDir,
+    pub clock: ManualClock,
+    pub buckets: u32,
+}
+
+impl Fixture {
+    pub fn new(buckets: u32) -> Self {
+        let secrets = tempfile::tempdir().expect("tempdir");
+        RootKey::from_bytes([0x5a; 32])
+            .write_new_file(secrets.path().join("root.key"))
+            .expect("write key");
+        Fixture {
+            data: tempfile::tempdir().expect("tempdir"),
+            secrets,
+            clock: ManualClock::new(Timestamp::from_unix_secs(T0)),
+            buckets,
+        }
+    }
+
+    pub fn key_path(&self) -> PathBuf {
+        self.secrets.path().join("root.key")
+    }
+
+    pub fn config_at(&self, dir: &Path) -> StoreConfig {
+        StoreConfig::new(dir, RootKey::from_file(self.key_path()).expect("key"))
+            .model(MODEL, DIM)
+            .threshold(Threshold::cosine(0.5))
+            .buckets(self.buckets)
+            .clock(self.clock.clone())
+    }
+
+    pub fn config(&self) -> StoreConfig {
+        self.config_at(self.data.path())
+    }
+
+    pub fn open(&self) -> Store {
+        Store::open(self.config()).expect("open store")
+    }
+
+    pub fn now(&self) -> Timestamp {
+        bioseal::Clock::now(&self.clock)
+    }
+}
+
+/// Consent for identity verification, expiring `days` from `now`.
+pub fn consent(now: Timestamp, days: u64) -> Consent {
+    Consent::new([Purpose::IDENTITY_VERIFICATION])
+        .expires_at(now.saturating_add(DAY * days as u32))
+        .evidence([0xab; 32])
+}
+
+pub fn emb(v: &[f32]) -> Embedding {
+    Embedding::from_slice(v)
+}
+
+pub const IDV: Purpose = Purpose::IDENTITY_VERIFICATION;
+
+/// Copy a directory tree.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("readdir") {
+        let e = e.expect("entry");
+        let t = to.join(e.file_name());
+        if e.file_type().expect("type").is_dir() {
+            copy_dir(&e.path(), &t);
+        } else {
+            std::fs::copy(e.path(), &t).expect("copy");
+        }
+    }
+}
+
+/// Every regular file below `dir`, with its bytes.
+pub fn read_all_files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).expect("readdir") {
+        let e = e.expect("entry");
+        if e.file_type().expect("type").is_dir() {
+            out.extend(read_all_files(&e.path()));
+        } else {
+            out.push((e.path(), std::fs::read(e.path()).expect("read")));
+        }
+    }
+    out.sort();
+    out
+}
+
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}

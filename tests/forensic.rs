@@ -1,0 +1,176 @@
+//! Promises 5 and 6: after revocation nothing in today's files or an older
+//! copy of them, even with the root key, brings the template back; and the
+//! files reveal no template or subject id at rest.
+
+mod common;
+use bioseal::forensics::subject_records;
+use bioseal::{Decision, Error, Store};
+use common::*;
+use std::collections::HashSet;
+use std::path::Path;
+
+const VICTIM: &str = "victim-subject-7f3a9c@example.org";
+
+/// The store's fixed-point quantisation, recomputed independently.
+fn quantise(v: &[f32]) -> Vec<u8> {
+    let n = v
+        .iter()
+        .map(|&x| f64::from(x) * f64::from(x))
+        .sum::<f64>()
+        .sqrt();
+    v.iter()
+        .flat_map(|&x| (((f64::from(x) / n) * 16384.0).round() as i16).to_le_bytes())
+        .collect()
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Every distinct 32-byte window of every file below `dir`.
+fn windows(dir: &Path, into: &mut HashSet<[u8; 32]>) -> usize {
+    let mut bytes = 0;
+    for (_, data) in read_all_files(dir) {
+        bytes += data.len();
+        for w in data.windows(32) {
+            let mut k = [0u8; 32];
+            k.copy_from_slice(w);
+            into.insert(k);
+        }
+    }
+    bytes
+}
+
+#[test]
+fn revoked_subject_is_unrecoverable_from_any_copy() {
+    let f = Fixture::new(4); // few buckets: the victim shares its bucket
+    let mut rng = Rng(99);
+    let victim = rng.unit(DIM);
+    let others: Vec<Vec<f32>> = (0..24).map(|_| rng.unit(DIM)).collect();
+    {
+        let store = f.open();
+        store
+            .enroll(VICTIM, emb(&victim), consent(f.now(), 365))
+            .expect("enroll");
+        for (i, v) in others.iter().enumerate() {
+            store
+                .enroll(&format!("other-{i}"), emb(v), consent(f.now(), 365))
+                .expect("enroll");
+        }
+    }
+    // The "old backup": a full copy of the data directory, keyring included.
+    let backup = tempfile::tempdir().expect("tempdir");
+    copy_dir(f.data.path(), backup.path());
+
+    {
+        let store = f.open();
+        store.revoke(VICTIM).expect("revoke");
+        assert!(matches!(
+            store.verify(VICTIM, &IDV, emb(&victim)),
+            Err(Error::NotEnrolled)
+        ));
+    }
+
+    // (a) No plaintext at rest, neither today nor in the backup.
+    let needles: Vec<(&str, Vec<u8>)> = vec![
+        ("f32 embedding", f32_bytes(&victim)),
+        ("first 8 f32 components", f32_bytes(&victim[..8])),
+        ("quantised template", quantise(&victim)),
+        (
+            "first 16 quantised components",
+            quantise(&victim)[..32].to_vec(),
+        ),
+        ("subject id", VICTIM.as_bytes().to_vec()),
+        ("other subject id", b"other-3".to_vec()),
+        ("purpose name", b"identity-verification".to_vec()),
+    ];
+    for dir in [f.data.path(), backup.path()] {
+        for (path, data) in read_all_files(dir) {
+            for (what, needle) in &needles {
+                assert!(
+                    !contains(&data, needle),
+                    "{what} found in {}",
+                    path.display()
+                );
+            }
+        }
+    }
+
+    // (c) The victim's ciphertexts, from the backup (today's files no longer
+    // hold its record). Read them from a scratch copy so the backup's bytes
+    // stay exactly as they were.
+    let scratch = tempfile::tempdir().expect("tempdir");
+    copy_dir(backup.path(), scratch.path());
+    let old_records = subject_records(scratch.path()).expect("old records");
+    let today_scratch = tempfile::tempdir().expect("tempdir");
+    copy_dir(f.data.path(), today_scratch.path());
+    let today: HashSet<[u8; 32]> = subject_records(today_scratch.path())
+        .expect("records")
+        .into_iter()
+        .map(|r| r.pseudonym)
+        .collect();
+    let gone: Vec<_> = old_records
+        .iter()
+        .filter(|r| !today.contains(&r.pseudonym))
+        .collect();
+    assert_eq!(gone.len(), 1, "exactly the victim's record disappeared");
+    let victim_rec = gone[0];
+    assert_eq!(old_records.len(), 25);
+
+    let mut keys = HashSet::new();
+    let scanned = windows(f.data.path(), &mut keys) + windows(backup.path(), &mut keys);
+    assert!(scanned > 10_000, "scanned only {scanned} bytes");
+    let mut opened = 0;
+    for k in &keys {
+        if victim_rec.wrapped_dek.opens_with(k) || victim_rec.payload.opens_with(k) {
+            opened += 1;
+        }
+    }
+    assert_eq!(
+        opened, 0,
+        "a 32-byte window of the files opens the revoked subject's data"
+    );
+    eprintln!(
+        "forensic scan: {scanned} bytes, {} distinct 32-byte windows, none opens",
+        keys.len()
+    );
+
+    // (b) Old sled files + today's keyring + the real root key.
+    let mixed = tempfile::tempdir().expect("tempdir");
+    copy_dir(&backup.path().join("db"), &mixed.path().join("db"));
+    std::fs::copy(f.data.path().join("keyring"), mixed.path().join("keyring")).expect("copy");
+    let store =
+        Store::open(f.config_at(mixed.path())).expect("old data opens with today's keyring");
+    let r = store.verify(VICTIM, &IDV, emb(&victim));
+    assert!(
+        matches!(r, Err(Error::KeyUnavailable { .. })),
+        "revoked subject from old files: {r:?}"
+    );
+    // Positive control: subjects outside the victim's bucket still open.
+    let mut unaffected = 0;
+    for (i, v) in others.iter().enumerate() {
+        match store.verify(&format!("other-{i}"), &IDV, emb(v)) {
+            Ok(d) => {
+                assert_eq!(d, Decision::Match);
+                unaffected += 1;
+            }
+            // Same bucket as the victim: that backup copy died with the rotation.
+            Err(Error::KeyUnavailable { .. }) => {}
+            Err(e) => panic!("other-{i}: {e}"),
+        }
+    }
+    assert!(
+        (10..24).contains(&unaffected),
+        "{unaffected} of 24 others readable"
+    );
+    drop(store);
+
+    // And what the assumption in SECURITY.md is about: the backup together
+    // with its OWN old keyring still holds the victim. Keyring copies must
+    // not be kept (or must be destroyed) past a revocation.
+    let store = Store::open(f.config_at(scratch.path())).expect("backup opens");
+    assert_eq!(
+        store.verify(VICTIM, &IDV, emb(&victim)).expect("verify"),
+        Decision::Match
+    );
+}

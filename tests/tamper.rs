@@ -1,0 +1,232 @@
+//! Promise 7: corrupted or tampered files give a typed error, never a panic,
+//! never a wrong Match.
+
+mod common;
+use bioseal::{Decision, Error, Store};
+use common::*;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+/// Enroll a few subjects; return the fixture and their vectors.
+fn populated(n: usize) -> (Fixture, Vec<Vec<f32>>) {
+    let f = Fixture::new(4);
+    let mut rng = Rng(1234);
+    let vecs: Vec<Vec<f32>> = (0..n).map(|_| rng.unit(DIM)).collect();
+    let store = f.open();
+    for (i, v) in vecs.iter().enumerate() {
+        store
+            .enroll(&format!("s{i}"), emb(v), consent(f.now(), 100))
+            .expect("enroll");
+    }
+    drop(store);
+    (f, vecs)
+}
+
+fn raw_db(f: &Fixture) -> (sled::Db, sled::Tree) {
+    let db = sled::open(f.data.path().join("db")).expect("raw sled");
+    let t = db.open_tree("records").expect("tree");
+    (db, t)
+}
+
+fn subject_keys(t: &sled::Tree) -> Vec<Vec<u8>> {
+    t.scan_prefix(b"S")
+        .keys()
+        .map(|k| k.expect("key").to_vec())
+        .collect()
+}
+
+#[test]
+fn every_flipped_record_byte_is_detected() {
+    let (f, vecs) = populated(1);
+    let (db, t) = raw_db(&f);
+    let key = subject_keys(&t).pop().expect("one record");
+    let good = t.get(&key).expect("get").expect("value").to_vec();
+    drop((t, db));
+    let mut checked = 0;
+    for i in 0..good.len() {
+        for mask in [0x01u8, 0x80] {
+            let mut bad = good.clone();
+            bad[i] ^= mask;
+            {
+                let (db, t) = raw_db(&f);
+                t.insert(&key, bad).expect("insert");
+                db.flush().expect("flush");
+            }
+            let store = f.open();
+            let r = store.verify("s0", &IDV, emb(&vecs[0]));
+            assert!(
+                matches!(r, Err(Error::Tampered { .. })),
+                "byte {i} mask {mask:#x}: {r:?}"
+            );
+            // Enrolling on top of a tampered record must not overwrite it.
+            let e = store.enroll("s0", emb(&vecs[0]), consent(f.now(), 1));
+            assert!(
+                matches!(e, Err(Error::Tampered { .. })),
+                "byte {i}: enroll {e:?}"
+            );
+            checked += 1;
+        }
+    }
+    // Truncations.
+    for n in [0, 1, 9, 69, 80, good.len() - 1] {
+        {
+            let (db, t) = raw_db(&f);
+            t.insert(&key, &good[..n]).expect("insert");
+            db.flush().expect("flush");
+        }
+        let r = f.open().verify("s0", &IDV, emb(&vecs[0]));
+        assert!(
+            matches!(r, Err(Error::Tampered { .. })),
+            "truncated to {n}: {r:?}"
+        );
+    }
+    // Restored, it verifies again: nothing was lost.
+    {
+        let (db, t) = raw_db(&f);
+        t.insert(&key, good).expect("insert");
+        db.flush().expect("flush");
+    }
+    assert_eq!(
+        f.open().verify("s0", &IDV, emb(&vecs[0])).expect("verify"),
+        Decision::Match
+    );
+    assert!(checked > 600, "{checked}");
+}
+
+#[test]
+fn records_swapped_between_subjects_do_not_open() {
+    let (f, vecs) = populated(8);
+    {
+        let (db, t) = raw_db(&f);
+        let keys = subject_keys(&t);
+        // Swap the values of two records in the same bucket (same KEK) and of
+        // two in different buckets.
+        let (a, b) = (&keys[0], &keys[1]);
+        let (c, d) = (&keys[0..4][2], keys.last().expect("key"));
+        for (x, y) in [(a, b), (c, d)] {
+            let vx = t.get(x).expect("get").expect("v");
+            let vy = t.get(y).expect("get").expect("v");
+            t.insert(x, vy).expect("insert");
+            t.insert(y, vx).expect("insert");
+        }
+        db.flush().expect("flush");
+    }
+    let store = f.open();
+    let mut tampered = 0;
+    for (i, v) in vecs.iter().enumerate() {
+        match store.verify(&format!("s{i}"), &IDV, emb(v)) {
+            Ok(Decision::Match) => {}
+            Err(Error::Tampered { .. }) => tampered += 1,
+            other => panic!("s{i}: {other:?}"),
+        }
+    }
+    assert_eq!(
+        tampered, 4,
+        "the four swapped records fail, the rest still match"
+    );
+}
+
+#[test]
+fn keyring_tampering_is_typed() {
+    let (f, _) = populated(2);
+    let path = f.data.path().join("keyring");
+    let good = std::fs::read(&path).expect("read");
+    // Magic, version, bucket count, model id, secrets, padding, active slot
+    // of bucket 0 (generation, ciphertext, tag), empty slot, slot padding.
+    for i in [
+        0,
+        9,
+        14,
+        40,
+        150,
+        200,
+        300,
+        512,
+        520,
+        560,
+        579,
+        640,
+        600,
+        good.len() - 1,
+    ] {
+        let mut bad = good.clone();
+        bad[i] ^= 0x04;
+        std::fs::write(&path, &bad).expect("write");
+        let r = Store::open(f.config());
+        assert!(matches!(r, Err(Error::Tampered { .. })), "byte {i}: {r:?}");
+    }
+    for i in [20, 110, 140] {
+        // Store id and key check value: indistinguishable from a wrong key.
+        let mut bad = good.clone();
+        bad[i] ^= 0x04;
+        std::fs::write(&path, &bad).expect("write");
+        assert!(
+            matches!(Store::open(f.config()), Err(Error::WrongRootKey)),
+            "byte {i}"
+        );
+    }
+    std::fs::write(&path, &good[..good.len() - 128]).expect("write");
+    assert!(matches!(
+        Store::open(f.config()),
+        Err(Error::Tampered { .. })
+    ));
+    std::fs::write(&path, b"").expect("write");
+    assert!(matches!(
+        Store::open(f.config()),
+        Err(Error::Tampered { .. })
+    ));
+    std::fs::write(&path, &good).expect("write");
+    f.open();
+}
+
+/// Random byte flips anywhere in sled's files: whatever sled and bioseal
+/// make of them, the result is a typed error or the right decision, never a
+/// panic and never a Match for an impostor.
+#[test]
+fn random_corruption_of_sled_files_never_panics_or_false_matches() {
+    let (f, vecs) = populated(12);
+    let pristine = tempfile::tempdir().expect("tempdir");
+    copy_dir(f.data.path(), pristine.path());
+    let mut rng = Rng(77);
+    let impostor = rng.unit(DIM);
+    let (mut opened, mut refused) = (0, 0);
+    for round in 0..60 {
+        std::fs::remove_dir_all(f.data.path().join("db")).expect("rm");
+        copy_dir(&pristine.path().join("db"), &f.data.path().join("db"));
+        let files: Vec<_> = read_all_files(&f.data.path().join("db"))
+            .into_iter()
+            .filter(|(_, d)| !d.is_empty())
+            .collect();
+        let (path, mut data) = files[(rng.next_u64() as usize) % files.len()].clone();
+        for _ in 0..1 + round % 4 {
+            let at = (rng.next_u64() as usize) % data.len();
+            data[at] ^= 1 << (rng.next_u64() % 8);
+        }
+        std::fs::write(&path, &data).expect("write");
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            let store = match Store::open(f.config()) {
+                Ok(s) => s,
+                Err(_) => return false,
+            };
+            for (i, v) in vecs.iter().enumerate() {
+                let s = format!("s{i}");
+                if let Ok(d) = store.verify(&s, &IDV, emb(v)) {
+                    assert_eq!(d, Decision::Match, "{s} genuine after corruption");
+                }
+                if let Ok(d) = store.verify(&s, &IDV, emb(&impostor)) {
+                    assert_eq!(
+                        d,
+                        Decision::NoMatch,
+                        "{s} impostor matched after corruption"
+                    );
+                }
+            }
+            true
+        }));
+        match outcome {
+            Ok(true) => opened += 1,
+            Ok(false) => refused += 1,
+            Err(_) => panic!("round {round}: panic on corrupted {}", path.display()),
+        }
+    }
+    eprintln!("corrupted sled files: {opened} opened, {refused} refused");
+}
