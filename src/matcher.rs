@@ -170,7 +170,7 @@ mod tests {
         let dim = 512;
         let t = 0.36_f32;
         let thr = Threshold::cosine(t).fixed();
-        let (mut disagree, mut max_gap) = (0, 0.0_f32);
+        let (mut disagree, mut max_gap, mut max_err) = (0, 0.0_f32, 0.0_f64);
         for i in 0..4000 {
             let a = rng.unit(dim);
             let n = rng.unit(dim);
@@ -196,14 +196,18 @@ mod tests {
             let reference = cos_f32(&a, &b) >= t;
             let ta = Embedding::from_slice(&a).quantize(dim).expect("valid");
             let tb = Embedding::from_slice(&b).quantize(dim).expect("valid");
+            let exact = f64::from(cos_f32(&a, &b));
+            let quantised = dot(ta.values(), tb.values()) as f64 / f64::from(1u32 << 28);
+            max_err = max_err.max((quantised - exact).abs());
             let fixed = decide(&[ta], &tb, thr).is_match();
             if fixed != reference {
                 disagree += 1;
                 max_gap = max_gap.max((cos_f32(&a, &b) - t).abs());
             }
         }
-        // i16 quantisation error on a 512-d dot product is ~1e-5; anything
-        // that far from the threshold must agree.
+        eprintln!("max |quantised - f32 cosine| = {max_err:.2e}; {disagree} disagreements, max gap {max_gap:.2e}");
+        assert!(max_err < 1e-4, "quantisation error {max_err}");
+        // Anything further than 1e-4 from the threshold must agree.
         assert!(
             max_gap < 1e-4,
             "disagreement {max_gap} away from the threshold"
