@@ -18,6 +18,64 @@ pub const DEFAULT_MAX_TEMPLATES: usize = 5;
 /// Default maximum consent lifetime: three years (BIPA §15(a)'s outer limit).
 pub const DEFAULT_MAX_CONSENT_LIFETIME: Duration = Duration::from_secs(3 * 365 * 86_400);
 
+/// Default maximum inactivity after the last successful interaction: three
+/// years (BIPA §15(a)).
+pub const DEFAULT_MAX_INACTIVITY: Duration = Duration::from_secs(3 * 365 * 86_400);
+
+/// Consecutive-failure limits for biometric verification, per NIST SP
+/// 800-63B-4: after `soft_limit` consecutive failures each further attempt
+/// must wait `wait` after the previous failure; after `hard_limit` biometric
+/// verification is disabled until re-enrollment or an operator reset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttemptPolicy {
+    /// Failures before the per-attempt wait starts.
+    pub soft_limit: u32,
+    /// Failures after which verification is disabled.
+    pub hard_limit: u32,
+    /// Minimum wait after a failure once past `soft_limit`.
+    pub wait: Duration,
+}
+
+impl AttemptPolicy {
+    /// 5 failures, then 30 s between attempts, disabled after 50.
+    pub const NIST: AttemptPolicy = AttemptPolicy {
+        soft_limit: 5,
+        hard_limit: 50,
+        wait: Duration::from_secs(30),
+    };
+    /// With presentation-attack detection attested: 10, 30 s, 100.
+    pub const NIST_WITH_PAD: AttemptPolicy = AttemptPolicy {
+        soft_limit: 10,
+        hard_limit: 100,
+        wait: Duration::from_secs(30),
+    };
+}
+
+/// How soon writes that `verify` makes (audit entries, failure-counter resets,
+/// last-interaction days) reach the disk. Enrollments, revocations, consent
+/// changes, sweeps and failure-counter increments are always flushed before
+/// they return, together with their audit entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Every call flushes before it returns (one `fdatasync` per verify).
+    Immediate,
+    /// sled's background flusher writes them at least every `interval`: a
+    /// crash loses at most that much of verify audit entries and of counter
+    /// resets. The default, with 200 ms.
+    GroupCommit {
+        /// Longest time between flushes.
+        interval: Duration,
+    },
+}
+
+impl Default for Durability {
+    fn default() -> Self {
+        Durability::GroupCommit {
+            interval: Duration::from_millis(200),
+        }
+    }
+}
+
 /// When a revocation's crypto-shred happens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ShredPolicy {
@@ -52,6 +110,9 @@ pub struct StoreConfig {
     pub(crate) shred: ShredPolicy,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) max_consent_lifetime: Duration,
+    pub(crate) max_inactivity: Duration,
+    pub(crate) pad: bool,
+    pub(crate) durability: Durability,
 }
 
 impl StoreConfig {
@@ -68,6 +129,9 @@ impl StoreConfig {
             shred: ShredPolicy::Immediate,
             clock: Arc::new(SystemClock),
             max_consent_lifetime: DEFAULT_MAX_CONSENT_LIFETIME,
+            max_inactivity: DEFAULT_MAX_INACTIVITY,
+            pad: false,
+            durability: Durability::default(),
         }
     }
 
@@ -115,6 +179,36 @@ impl StoreConfig {
         self
     }
 
+    /// Longest time a subject is kept after its last successful interaction
+    /// (enrollment, consent renewal or match). Default three years.
+    pub fn max_inactivity(mut self, d: Duration) -> Self {
+        self.max_inactivity = d;
+        self
+    }
+
+    /// The caller attests that every probe passed presentation-attack
+    /// detection, which raises the attempt limits to
+    /// [`AttemptPolicy::NIST_WITH_PAD`].
+    pub fn presentation_attack_detection(mut self, attested: bool) -> Self {
+        self.pad = attested;
+        self
+    }
+
+    /// When verify's writes reach the disk.
+    pub fn durability(mut self, d: Durability) -> Self {
+        self.durability = d;
+        self
+    }
+
+    /// The attempt policy in force.
+    pub fn attempt_policy(&self) -> AttemptPolicy {
+        if self.pad {
+            AttemptPolicy::NIST_WITH_PAD
+        } else {
+            AttemptPolicy::NIST
+        }
+    }
+
     /// Check every setting; returns (model id, dimension, threshold).
     pub(crate) fn validate(&self) -> Result<(String, usize, Threshold)> {
         let (id, dim) = self
@@ -145,10 +239,17 @@ impl StoreConfig {
         if !(1..=MAX_BUCKETS).contains(&self.buckets) {
             return Err(Error::Config(format!("buckets must be 1-{MAX_BUCKETS}")));
         }
-        if self.max_consent_lifetime.is_zero() {
+        if self.max_consent_lifetime.is_zero() || self.max_inactivity.is_zero() {
             return Err(Error::Config(
-                "max_consent_lifetime must be positive".into(),
+                "max_consent_lifetime and max_inactivity must be positive".into(),
             ));
+        }
+        if let Durability::GroupCommit { interval } = self.durability {
+            if interval.is_zero() || interval > Duration::from_secs(60) {
+                return Err(Error::Config(
+                    "group-commit interval must be 1 ms to 60 s".into(),
+                ));
+            }
         }
         Ok((id, dim, t))
     }
@@ -166,6 +267,9 @@ impl fmt::Debug for StoreConfig {
             .field("shred", &self.shred)
             .field("clock", &self.clock)
             .field("max_consent_lifetime", &self.max_consent_lifetime)
+            .field("max_inactivity", &self.max_inactivity)
+            .field("presentation_attack_detection", &self.pad)
+            .field("durability", &self.durability)
             .finish()
     }
 }

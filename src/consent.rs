@@ -139,6 +139,11 @@ impl Consent {
         self.purposes.contains(purpose)
     }
 
+    /// Remove `purpose`; returns whether it was there.
+    pub(crate) fn withdraw(&mut self, purpose: &Purpose) -> bool {
+        self.purposes.remove(purpose)
+    }
+
     /// Whether the consent no longer holds at `now`.
     pub fn is_expired(&self, now: Timestamp) -> bool {
         match self.expires_at {
@@ -161,6 +166,9 @@ impl Consent {
             return Err(ConsentError::InvalidPurpose);
         }
         let exp = self.expires_at.ok_or(ConsentError::NoExpiry)?;
+        if self.evidence.is_none() {
+            return Err(ConsentError::NoEvidence);
+        }
         if exp <= now {
             return Err(ConsentError::ExpiryNotInFuture);
         }
@@ -195,35 +203,35 @@ mod tests {
     }
 
     #[test]
-    fn accept_requires_purpose_and_future_expiry_within_lifetime() {
+    fn accept_requires_purpose_evidence_and_future_expiry_within_lifetime() {
         let now = Timestamp::from_unix_secs(1_000);
         let p = || [Purpose::IDENTITY_VERIFICATION];
+        let c = |t: u64| {
+            Consent::new(p())
+                .expires_at(Timestamp::from_unix_secs(t))
+                .evidence([1; 32])
+        };
+        let no_purpose = Consent::new([])
+            .expires_at(Timestamp::from_unix_secs(2_000))
+            .evidence([1; 32]);
+        assert_eq!(no_purpose.accept(now, YEAR), Err(ConsentError::NoPurpose));
         assert_eq!(
-            Consent::new([])
-                .expires_at(Timestamp::from_unix_secs(2_000))
-                .accept(now, YEAR),
-            Err(ConsentError::NoPurpose)
-        );
-        assert_eq!(
-            Consent::new(p()).accept(now, YEAR),
+            Consent::new(p()).evidence([1; 32]).accept(now, YEAR),
             Err(ConsentError::NoExpiry)
         );
+        let no_evidence = Consent::new(p()).expires_at(Timestamp::from_unix_secs(2_000));
+        assert_eq!(no_evidence.accept(now, YEAR), Err(ConsentError::NoEvidence));
         assert_eq!(
-            Consent::new(p()).expires_at(now).accept(now, YEAR),
+            c(1_000).accept(now, YEAR),
             Err(ConsentError::ExpiryNotInFuture)
         );
         assert_eq!(
-            Consent::new(p())
-                .expires_at(now.saturating_add(YEAR * 2))
-                .accept(now, YEAR),
+            c(now.saturating_add(YEAR * 2).unix_secs()).accept(now, YEAR),
             Err(ConsentError::LifetimeTooLong {
                 max_secs: YEAR.as_secs()
             })
         );
-        let ok = Consent::new(p())
-            .expires_at(Timestamp::from_unix_secs(1_001))
-            .accept(now, YEAR)
-            .expect("valid consent");
+        let ok = c(1_001).accept(now, YEAR).expect("valid consent");
         assert_eq!(ok.granted(), Some(now));
         assert!(!ok.is_expired(now));
         assert!(
@@ -231,4 +239,26 @@ mod tests {
             "expiry is exclusive"
         );
     }
+}
+
+/// What [`crate::Store::consent_status`] reports: the consent and the
+/// deadlines that follow from it. Never template data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsentStatus {
+    /// Consented purposes.
+    pub purposes: Vec<Purpose>,
+    /// When the consent was accepted by the store.
+    pub granted_at: Option<Timestamp>,
+    /// When it expires.
+    pub expires_at: Timestamp,
+    /// SHA-256 of the signed release.
+    pub evidence: Option<[u8; 32]>,
+    /// Policy version agreed to.
+    pub policy_version: u32,
+    /// Last successful interaction (enrollment, renewal or match), at day
+    /// granularity: the first of each day is recorded.
+    pub last_interaction: Timestamp,
+    /// When the subject will be destroyed unless it interacts again: the
+    /// earlier of `expires_at` and `last_interaction` + the inactivity limit.
+    pub deadline: Timestamp,
 }

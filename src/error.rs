@@ -37,6 +37,9 @@ pub enum ConsentError {
     /// The expiry is not after the current time.
     #[error("consent expiry is not in the future")]
     ExpiryNotInFuture,
+    /// No evidence digest (SHA-256 of the signed written release) was given.
+    #[error("consent has no evidence digest of the signed release")]
+    NoEvidence,
     /// The expiry is further away than the store's maximum consent lifetime.
     #[error("consent lifetime exceeds the store's maximum of {max_secs} s")]
     LifetimeTooLong {
@@ -58,6 +61,10 @@ pub enum Error {
     /// The subject's consent has expired; the subject has been revoked and shredded.
     #[error("consent has expired; the subject was revoked")]
     ConsentExpired,
+    /// The subject was inactive longer than the retention policy allows; it
+    /// has been revoked and shredded.
+    #[error("retention period after the last interaction has passed; the subject was revoked")]
+    RetentionExpired,
     /// The purpose of the request is not among the consented purposes.
     #[error("purpose is not consented")]
     PurposeNotConsented,
@@ -66,6 +73,16 @@ pub enum Error {
     LockedOut {
         /// Earliest time of the next accepted attempt.
         until: Timestamp,
+    },
+    /// Too many consecutive failures: biometric verification is disabled for
+    /// this subject until it is enrolled again or an operator resets it.
+    #[error("biometric verification is disabled for this subject after too many failures")]
+    VerificationDisabled,
+    /// The audit log fails verification at this sequence number.
+    #[error("audit log broken at sequence number {seq}")]
+    AuditChainBroken {
+        /// First entry that fails (edited, missing, moved or inserted).
+        seq: u64,
     },
     /// The store was created for another embedding model or dimension.
     #[error("model mismatch: store holds `{stored}`, configuration asks for `{configured}`")]

@@ -54,7 +54,7 @@ pub struct RawSubjectRecord {
 /// open, and sled may update its own bookkeeping files, so point this at a
 /// copy when the bytes must stay as they are.
 pub fn subject_records(dir: impl AsRef<Path>) -> Result<Vec<RawSubjectRecord>> {
-    let db = Db::open(&dir.as_ref().join("db"))?;
+    let db = Db::open(&dir.as_ref().join("db"), None)?;
     let store_id = db.store_id()?.ok_or(Error::tampered("store id record"))?;
     let mut out = Vec::new();
     for kv in db.records.scan_prefix([b'S']) {
@@ -101,7 +101,8 @@ mod tests {
         )
         .expect("open");
         let consent = Consent::new([Purpose::IDENTITY_VERIFICATION])
-            .expires_at(Timestamp::from_unix_secs(9_000));
+            .expires_at(Timestamp::from_unix_secs(9_000))
+            .evidence([1; 32]);
         store
             .enroll("alice", Embedding::new(vec![1.0, 2.0, 3.0, 4.0]), consent)
             .expect("enroll");

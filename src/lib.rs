@@ -74,6 +74,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod audit;
 mod clock;
 mod config;
 mod consent;
@@ -86,17 +87,19 @@ mod matcher;
 mod storage;
 mod store;
 
+pub use audit::{AuditEntry, AuditEvent, AuditHead, AuditLog, AuditOutcome};
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use config::{
-    ShredPolicy, StoreConfig, DEFAULT_BUCKETS, DEFAULT_MAX_CONSENT_LIFETIME, DEFAULT_MAX_TEMPLATES,
+    AttemptPolicy, Durability, ShredPolicy, StoreConfig, DEFAULT_BUCKETS,
+    DEFAULT_MAX_CONSENT_LIFETIME, DEFAULT_MAX_INACTIVITY, DEFAULT_MAX_TEMPLATES,
 };
-pub use consent::{Consent, Purpose};
+pub use consent::{Consent, ConsentStatus, Purpose};
 pub use crypto::keyring::MAX_BUCKETS;
 pub use crypto::keys::{KeyProvider, RootKey};
 pub use embedding::{Embedding, MAX_DIMENSION};
 pub use error::{ConsentError, EmbeddingError, Error, Result};
 pub use matcher::{Decision, Threshold};
-pub use store::{ShredReceipt, ShredStatus, Store, StoreStats};
+pub use store::{ShredReceipt, ShredStatus, Store, StoreStats, SweepReport, Withdrawal};
 
 /// Decoders exposed for the fuzz targets and the decoding property tests.
 /// Not a stable API.

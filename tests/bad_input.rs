@@ -89,19 +89,31 @@ fn bad_consents_are_refused() {
     let v = Rng(6).unit(DIM);
     let now = f.now();
     let later = now.saturating_add(DAY);
+    let ev = [0x11u8; 32];
     let cases = vec![
-        (Consent::new([]).expires_at(later), ConsentError::NoPurpose),
-        (Consent::new([IDV]), ConsentError::NoExpiry),
         (
-            Consent::new([IDV]).expires_at(now),
+            Consent::new([]).expires_at(later).evidence(ev),
+            ConsentError::NoPurpose,
+        ),
+        (Consent::new([IDV]).evidence(ev), ConsentError::NoExpiry),
+        (
+            Consent::new([IDV]).expires_at(later),
+            ConsentError::NoEvidence,
+        ),
+        (
+            Consent::new([IDV]).expires_at(now).evidence(ev),
             ConsentError::ExpiryNotInFuture,
         ),
         (
-            Consent::new([IDV]).expires_at(Timestamp::from_unix_secs(1)),
+            Consent::new([IDV])
+                .expires_at(Timestamp::from_unix_secs(1))
+                .evidence(ev),
             ConsentError::ExpiryNotInFuture,
         ),
         (
-            Consent::new([IDV]).expires_at(now.saturating_add(DAY * 3650)),
+            Consent::new([IDV])
+                .expires_at(now.saturating_add(DAY * 3650))
+                .evidence(ev),
             ConsentError::LifetimeTooLong {
                 max_secs: bioseal::DEFAULT_MAX_CONSENT_LIFETIME.as_secs(),
             },

@@ -21,12 +21,21 @@ fn genuine_matches_impostor_does_not() {
             Decision::Match
         );
     }
-    for _ in 0..20 {
+    // Impostors in runs of 4 (below the lockout limit of 5), each run
+    // followed by a genuine probe, which resets the failure count.
+    for i in 0..20 {
         let impostor = rng.unit(DIM);
         assert_eq!(
             store.verify("alice", &IDV, emb(&impostor)).expect("verify"),
             Decision::NoMatch
         );
+        if i % 4 == 3 {
+            let probe = rng.noisy(&alice, 0.3);
+            assert_eq!(
+                store.verify("alice", &IDV, emb(&probe)).expect("verify"),
+                Decision::Match
+            );
+        }
     }
 }
 
@@ -149,7 +158,8 @@ fn a_new_enrollment_replaces_the_consent() {
         .enroll("s", emb(&a), consent(f.now(), 10))
         .expect("enroll");
     let only_impersonation = bioseal::Consent::new([Purpose::IMPERSONATION_CHECK])
-        .expires_at(f.now().saturating_add(DAY * 10));
+        .expires_at(f.now().saturating_add(DAY * 10))
+        .evidence([1; 32]);
     store
         .enroll("s", emb(&a), only_impersonation)
         .expect("second");

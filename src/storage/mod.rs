@@ -2,9 +2,16 @@
 //!
 //! Tree `records`:
 //! - `b'S' | bucket (u32 BE) | pseudonym (32)` → [`SubjectRecord`]
+//! - `b'T' | bucket | pseudonym` → the subject's state (failure counter, last
+//!   interaction), sealed under its DEK
+//! - `b'D' | deadline day (u32 BE) | bucket | pseudonym` → empty: the
+//!   retention index, so that a sweep visits only subjects due by that day
+//! - `b'd' | bucket | pseudonym` → deadline day (u32 BE): where the subject's
+//!   index entry is, so that it can be removed without decrypting anything
 //! - `b'P' | bucket (u32 BE)` → empty: a revocation in that bucket awaits its shred
 //!
 //! Tree `meta`: `store-id` → the 16-byte store id, paired with the keyring's.
+//! Tree `audit`: the audit log (see `crate::audit`).
 //!
 //! Keys sort by bucket, so a rotation visits only its bucket's records.
 
@@ -14,18 +21,69 @@ use crate::crypto::pseudonym::Pseudonym;
 use crate::error::{Error, Result};
 use std::path::Path;
 
-pub(crate) use record::{SubjectPayload, SubjectRecord};
+pub(crate) use record::{SubjectPayload, SubjectRecord, SubjectState};
 
 const SUBJECT: u8 = b'S';
+const STATE: u8 = b'T';
+const DEADLINE: u8 = b'D';
+const DEADLINE_PTR: u8 = b'd';
 const PENDING: u8 = b'P';
 
-/// Key of a subject record.
-pub(crate) fn subject_key(bucket: u32, p: &Pseudonym) -> [u8; 37] {
+fn bucket_pseudonym_key(tag: u8, bucket: u32, p: &Pseudonym) -> [u8; 37] {
     let mut k = [0u8; 37];
-    k[0] = SUBJECT;
+    k[0] = tag;
     k[1..5].copy_from_slice(&bucket.to_be_bytes());
     k[5..].copy_from_slice(&p.0);
     k
+}
+
+/// Key of a subject's sealed state.
+pub(crate) fn state_key(bucket: u32, p: &Pseudonym) -> [u8; 37] {
+    bucket_pseudonym_key(STATE, bucket, p)
+}
+
+/// Key of a subject's pointer to its retention-index entry.
+pub(crate) fn deadline_ptr_key(bucket: u32, p: &Pseudonym) -> [u8; 37] {
+    bucket_pseudonym_key(DEADLINE_PTR, bucket, p)
+}
+
+/// Key of a retention-index entry.
+pub(crate) fn deadline_key(day: u32, bucket: u32, p: &Pseudonym) -> [u8; 41] {
+    let mut k = [0u8; 41];
+    k[0] = DEADLINE;
+    k[1..5].copy_from_slice(&day.to_be_bytes());
+    k[5..9].copy_from_slice(&bucket.to_be_bytes());
+    k[9..].copy_from_slice(&p.0);
+    k
+}
+
+/// Split a retention-index key into day, bucket and pseudonym.
+pub(crate) fn parse_deadline_key(k: &[u8]) -> Option<(u32, u32, Pseudonym)> {
+    if k.len() != 41 || k[0] != DEADLINE {
+        return None;
+    }
+    let (mut d, mut b, mut p) = ([0u8; 4], [0u8; 4], [0u8; 32]);
+    d.copy_from_slice(&k[1..5]);
+    b.copy_from_slice(&k[5..9]);
+    p.copy_from_slice(&k[9..]);
+    Some((u32::from_be_bytes(d), u32::from_be_bytes(b), Pseudonym(p)))
+}
+
+/// First key past every retention-index entry of days `..=day`.
+pub(crate) fn deadline_scan_end(day: u32) -> Vec<u8> {
+    let mut k = vec![DEADLINE];
+    k.extend_from_slice(&day.saturating_add(1).to_be_bytes());
+    k
+}
+
+/// Day number (days since the epoch) of a Unix time.
+pub(crate) fn day_of(secs: u64) -> u32 {
+    u32::try_from(secs / 86_400).unwrap_or(u32::MAX)
+}
+
+/// Key of a subject record.
+pub(crate) fn subject_key(bucket: u32, p: &Pseudonym) -> [u8; 37] {
+    bucket_pseudonym_key(SUBJECT, bucket, p)
 }
 
 /// Prefix of every subject record in a bucket.
@@ -69,16 +127,27 @@ pub(crate) struct Db {
     pub(crate) db: sled::Db,
     pub(crate) records: sled::Tree,
     pub(crate) meta: sled::Tree,
+    pub(crate) audit: sled::Tree,
 }
 
 const STORE_ID_KEY: &[u8] = b"store-id";
 
 impl Db {
-    pub(crate) fn open(path: &Path) -> Result<Db> {
-        let db = sled::Config::new().path(path).open()?;
+    /// Open sled at `path`; `flush_every_ms` is its group-commit interval.
+    pub(crate) fn open(path: &Path, flush_every_ms: Option<u64>) -> Result<Db> {
+        let db = sled::Config::new()
+            .path(path)
+            .flush_every_ms(flush_every_ms)
+            .open()?;
         let records = db.open_tree("records")?;
         let meta = db.open_tree("meta")?;
-        Ok(Db { db, records, meta })
+        let audit = db.open_tree("audit")?;
+        Ok(Db {
+            db,
+            records,
+            meta,
+            audit,
+        })
     }
 
     /// The store id recorded in the database, if any.

@@ -85,6 +85,46 @@ pub(crate) fn payload_aad(store_id: &[u8; 16], p: &Pseudonym) -> Vec<u8> {
     .concat()
 }
 
+/// Associated data of a sealed subject state.
+pub(crate) fn state_aad(store_id: &[u8; 16], p: &Pseudonym) -> Vec<u8> {
+    [
+        b"bioseal/v1/state".as_slice(),
+        store_id,
+        &p.0,
+        &[RECORD_VERSION],
+    ]
+    .concat()
+}
+
+/// A subject's mutable state, sealed under its DEK in its own record so that
+/// `verify` can update it without rewriting the templates, and so that it is
+/// shredded with the subject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub(crate) struct SubjectState {
+    /// Consecutive failed verifications.
+    pub(crate) failures: u32,
+    /// Time of the last failed verification (Unix seconds).
+    pub(crate) last_failure: u64,
+    /// First successful interaction of the latest day with one (Unix seconds).
+    pub(crate) last_interaction: u64,
+}
+
+impl SubjectState {
+    pub(crate) fn encode(&self) -> Result<Zeroizing<Vec<u8>>> {
+        let c = codec();
+        let mut buf = Zeroizing::new(Vec::with_capacity(32));
+        c.serialize_into(&mut *buf, self)
+            .map_err(|_| Error::Config("subject state encoding".into()))?;
+        Ok(buf)
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Self> {
+        codec()
+            .deserialize(bytes)
+            .map_err(|_| Error::tampered("subject state"))
+    }
+}
+
 /// What a subject's DEK seals: consent and templates.
 #[derive(Serialize, Deserialize)]
 pub(crate) struct SubjectPayload {
