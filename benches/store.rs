@@ -1,0 +1,106 @@
+//! Store operations at 10k subjects (512 dimensions, 4096 buckets), each
+//! against a baseline measured in the same run:
+//! - verify (genuine, hot cache) with group commit (the default) against
+//!   verify with `Durability::Immediate` (an fdatasync per call), showing
+//!   what group-committing the audit log saves;
+//! - enroll (durable) against a bare `sled` insert + flush of the same size.
+//!
+//! `cargo bench --bench store`. The peer comparison (SQLCipher) is issue 5.
+
+use bioseal::{Consent, Durability, Embedding, Purpose, RootKey, Store, StoreConfig, Threshold, Timestamp};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+const DIM: usize = 512;
+const N: usize = 10_000;
+
+fn unit(seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let v: Vec<f32> = (0..DIM)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect();
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    v.into_iter().map(|x| x / n).collect()
+}
+
+fn consent() -> Consent {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    Consent::new([Purpose::IDENTITY_VERIFICATION])
+        .expires_at(Timestamp::from_unix_secs(now + 365 * 86_400))
+        .evidence([1; 32])
+}
+
+fn open(dir: &std::path::Path, durability: Durability) -> Store {
+    Store::open(
+        StoreConfig::new(dir, RootKey::from_bytes([3; 32]))
+            .model("bench", DIM)
+            .threshold(Threshold::cosine(0.5))
+            .durability(durability),
+    )
+    .expect("open")
+}
+
+fn bench(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let store = open(dir.path(), Durability::default());
+        for i in 0..N {
+            store.enroll(&format!("s{i}"), Embedding::new(unit(i as u64)), consent()).expect("enroll");
+        }
+    }
+    let mut g = c.benchmark_group("verify_10k");
+    g.measurement_time(Duration::from_secs(5));
+    for (name, d) in [("group_commit", Durability::default()), ("immediate", Durability::Immediate)] {
+        let store = open(dir.path(), d);
+        let probes: Vec<Vec<f32>> = (0..64).map(|i| unit(i as u64)).collect();
+        let mut i = 0usize;
+        g.bench_function(name, |b| {
+            b.iter_batched(
+                || {
+                    i = (i + 1) % probes.len();
+                    (format!("s{i}"), Embedding::from_slice(&probes[i]))
+                },
+                |(s, e)| store.verify(&s, &Purpose::IDENTITY_VERIFICATION, e).expect("verify"),
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("enroll_durable");
+    g.measurement_time(Duration::from_secs(5));
+    {
+        let store = open(dir.path(), Durability::default());
+        let mut i = N;
+        g.bench_function("bioseal", |b| {
+            b.iter_batched(
+                || {
+                    i += 1;
+                    (format!("s{i}"), Embedding::new(unit(i as u64)))
+                },
+                |(s, e)| store.enroll(&s, e, consent()).expect("enroll"),
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    let raw_dir = tempfile::tempdir().expect("tempdir");
+    let raw = sled::open(raw_dir.path()).expect("sled");
+    let value = vec![7u8; 2 * DIM + 200];
+    let mut k = 0u64;
+    g.bench_function("sled_insert_flush_baseline", |b| {
+        b.iter(|| {
+            k += 1;
+            raw.insert(k.to_be_bytes(), value.as_slice()).expect("insert");
+            raw.flush().expect("flush");
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
