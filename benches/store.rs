@@ -7,7 +7,9 @@
 //!
 //! `cargo bench --bench store`. The peer comparison (SQLCipher) is issue 5.
 
-use bioseal::{Consent, Durability, Embedding, Purpose, RootKey, Store, StoreConfig, Threshold, Timestamp};
+use bioseal::{
+    Consent, Durability, Embedding, Purpose, RootKey, Store, StoreConfig, Threshold, Timestamp,
+};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -29,7 +31,9 @@ fn unit(seed: u64) -> Vec<f32> {
 }
 
 fn consent() -> Consent {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     Consent::new([Purpose::IDENTITY_VERIFICATION])
         .expires_at(Timestamp::from_unix_secs(now + 365 * 86_400))
         .evidence([1; 32])
@@ -50,12 +54,17 @@ fn bench(c: &mut Criterion) {
     {
         let store = open(dir.path(), Durability::default());
         for i in 0..N {
-            store.enroll(&format!("s{i}"), Embedding::new(unit(i as u64)), consent()).expect("enroll");
+            store
+                .enroll(&format!("s{i}"), Embedding::new(unit(i as u64)), consent())
+                .expect("enroll");
         }
     }
     let mut g = c.benchmark_group("verify_10k");
     g.measurement_time(Duration::from_secs(5));
-    for (name, d) in [("group_commit", Durability::default()), ("immediate", Durability::Immediate)] {
+    for (name, d) in [
+        ("group_commit", Durability::default()),
+        ("immediate", Durability::Immediate),
+    ] {
         let store = open(dir.path(), d);
         let probes: Vec<Vec<f32>> = (0..64).map(|i| unit(i as u64)).collect();
         let mut i = 0usize;
@@ -65,7 +74,11 @@ fn bench(c: &mut Criterion) {
                     i = (i + 1) % probes.len();
                     (format!("s{i}"), Embedding::from_slice(&probes[i]))
                 },
-                |(s, e)| store.verify(&s, &Purpose::IDENTITY_VERIFICATION, e).expect("verify"),
+                |(s, e)| {
+                    store
+                        .verify(&s, &Purpose::IDENTITY_VERIFICATION, e)
+                        .expect("verify")
+                },
                 BatchSize::SmallInput,
             )
         });
@@ -95,7 +108,8 @@ fn bench(c: &mut Criterion) {
     g.bench_function("sled_insert_flush_baseline", |b| {
         b.iter(|| {
             k += 1;
-            raw.insert(k.to_be_bytes(), value.as_slice()).expect("insert");
+            raw.insert(k.to_be_bytes(), value.as_slice())
+                .expect("insert");
             raw.flush().expect("flush");
         })
     });
