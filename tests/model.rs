@@ -91,7 +91,7 @@ fn op() -> impl Strategy<Value = Op> {
 
 /// What an operation returned, reduced to what the model predicts.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Out {
+enum Answer {
     Ok,
     Match,
     NoMatch,
@@ -106,16 +106,16 @@ enum Out {
     Swept(usize),
 }
 
-fn out<T>(r: Result<T, Error>, ok: impl FnOnce(T) -> Out) -> Out {
+fn out<T>(r: Result<T, Error>, ok: impl FnOnce(T) -> Answer) -> Answer {
     match r {
         Ok(v) => ok(v),
-        Err(Error::ConsentExpired) => Out::Expired(true),
-        Err(Error::RetentionExpired) => Out::Expired(false),
-        Err(Error::NotEnrolled) => Out::NotEnrolled,
-        Err(Error::PurposeNotConsented) => Out::NotConsented,
-        Err(Error::LockedOut { until }) => Out::LockedOut(until.unix_secs()),
-        Err(Error::VerificationDisabled) => Out::Disabled,
-        Err(Error::TooManyTemplates { .. }) => Out::TooMany,
+        Err(Error::ConsentExpired) => Answer::Expired(true),
+        Err(Error::RetentionExpired) => Answer::Expired(false),
+        Err(Error::NotEnrolled) => Answer::NotEnrolled,
+        Err(Error::PurposeNotConsented) => Answer::NotConsented,
+        Err(Error::LockedOut { until }) => Answer::LockedOut(until.unix_secs()),
+        Err(Error::VerificationDisabled) => Answer::Disabled,
+        Err(Error::TooManyTemplates { .. }) => Answer::TooMany,
         Err(e) => panic!("unexpected error: {e}"),
     }
 }
@@ -148,11 +148,11 @@ fn purposes(both: bool) -> BTreeSet<bool> {
 }
 
 impl Model {
-    fn overdue(&self, m: &MSub) -> Option<Out> {
+    fn overdue(&self, m: &MSub) -> Option<Answer> {
         if self.now >= m.expiry {
-            Some(Out::Expired(true))
+            Some(Answer::Expired(true))
         } else if self.now >= m.last_interaction + INACTIVITY_DAYS * 86_400 {
-            Some(Out::Expired(false))
+            Some(Answer::Expired(false))
         } else {
             None
         }
@@ -164,9 +164,9 @@ impl Model {
     }
     /// The subject if stored and live; otherwise the error (destroying an
     /// overdue one, as the store does when touched).
-    fn live(&mut self, s: usize, step: usize) -> Result<&mut MSub, Out> {
+    fn live(&mut self, s: usize, step: usize) -> Result<&mut MSub, Answer> {
         let Some(m) = &self.subs[s] else {
-            return Err(Out::NotEnrolled);
+            return Err(Answer::NotEnrolled);
         };
         if let Some(e) = self.overdue(m) {
             self.destroy(s, step);
@@ -201,12 +201,16 @@ fn day(t: u64) -> u64 {
     t / 86_400
 }
 
+/// A snapshot: its copy, the step it was taken at, and the subjects stored
+/// then as (incarnation, subject, first template seed).
+type Snapshot = (tempfile::TempDir, usize, Vec<(usize, u8, u8)>);
+
 struct Harness {
     dir: tempfile::TempDir,
     clock: ManualClock,
     policy: ShredPolicy,
     store: Option<Store>,
-    snapshots: Vec<(tempfile::TempDir, usize, Vec<(usize, u8, u8)>)>,
+    snapshots: Vec<Snapshot>,
 }
 
 impl Harness {
@@ -238,7 +242,7 @@ fn verify_step(
     s: u8,
     n: u8,
     genuine: Option<bool>,
-) -> (Out, Out) {
+) -> (Answer, Answer) {
     let impersonation = genuine.unwrap_or(false);
     let si = s as usize;
     let probe = match (&m.subs[si], genuine) {
@@ -257,31 +261,31 @@ fn verify_step(
         ),
         |d| {
             if d == Decision::Match {
-                Out::Match
+                Answer::Match
             } else {
-                Out::NoMatch
+                Answer::NoMatch
             }
         },
     );
     let now = m.now;
     let want = match m.live(si, step) {
         Err(e) => e,
-        Ok(sub) if !sub.purposes.contains(&impersonation) => Out::NotConsented,
-        Ok(sub) if sub.failures >= HARD => Out::Disabled,
+        Ok(sub) if !sub.purposes.contains(&impersonation) => Answer::NotConsented,
+        Ok(sub) if sub.failures >= HARD => Answer::Disabled,
         Ok(sub) if sub.failures >= SOFT && now < sub.last_failure + WAIT => {
-            Out::LockedOut(sub.last_failure + WAIT)
+            Answer::LockedOut(sub.last_failure + WAIT)
         }
         Ok(sub) if genuine.is_some() => {
             sub.failures = 0;
             if day(now) != day(sub.last_interaction) {
                 sub.last_interaction = now;
             }
-            Out::Match
+            Answer::Match
         }
         Ok(sub) => {
             sub.failures += 1;
             sub.last_failure = now;
-            Out::NoMatch
+            Answer::NoMatch
         }
     };
     (got, want)
@@ -322,7 +326,7 @@ fn run(ops: &[Op], deferred: bool) -> Result<(), TestCaseError> {
                         common::emb(&template_vec(s, seed)),
                         consent(m.now, days, both_purposes),
                     ),
-                    |_| Out::Ok,
+                    |_| Answer::Ok,
                 );
                 let si = s as usize;
                 if let Some(sub) = &m.subs[si] {
@@ -331,13 +335,13 @@ fn run(ops: &[Op], deferred: bool) -> Result<(), TestCaseError> {
                     }
                 }
                 let want = match &mut m.subs[si] {
-                    Some(sub) if sub.templates.len() >= MAX_TEMPLATES => Out::TooMany,
+                    Some(sub) if sub.templates.len() >= MAX_TEMPLATES => Answer::TooMany,
                     Some(sub) => {
                         sub.templates.push(seed);
                         sub.purposes = purposes(both_purposes);
                         sub.expiry = m.now + u64::from(days) * 86_400;
                         (sub.failures, sub.last_failure, sub.last_interaction) = (0, 0, m.now);
-                        Out::Ok
+                        Answer::Ok
                     }
                     None => {
                         m.incarnations += 1;
@@ -350,7 +354,7 @@ fn run(ops: &[Op], deferred: bool) -> Result<(), TestCaseError> {
                             failures: 0,
                             last_failure: 0,
                         });
-                        Out::Ok
+                        Answer::Ok
                     }
                 };
                 (got, want)
@@ -362,12 +366,12 @@ fn run(ops: &[Op], deferred: bool) -> Result<(), TestCaseError> {
             } => verify_step(&h, &mut m, step, s, template, Some(impersonation)),
             Op::VerifyImpostor { s, seed } => verify_step(&h, &mut m, step, s, seed, None),
             Op::Revoke { s } => {
-                let got = out(h.store().revoke(&format!("subj-{s}")), |_| Out::Ok);
+                let got = out(h.store().revoke(&format!("subj-{s}")), |_| Answer::Ok);
                 let want = if m.subs[s as usize].is_some() {
                     m.destroy(s as usize, step);
-                    Out::Ok
+                    Answer::Ok
                 } else {
-                    Out::NotEnrolled
+                    Answer::NotEnrolled
                 };
                 (got, want)
             }
@@ -379,7 +383,7 @@ fn run(ops: &[Op], deferred: bool) -> Result<(), TestCaseError> {
                 let got = out(
                     h.store()
                         .renew_consent(&format!("subj-{s}"), consent(m.now, days, both_purposes)),
-                    |_| Out::Ok,
+                    |_| Answer::Ok,
                 );
                 let now = m.now;
                 let want = match m.live(s as usize, step) {
@@ -388,7 +392,7 @@ fn run(ops: &[Op], deferred: bool) -> Result<(), TestCaseError> {
                         sub.purposes = purposes(both_purposes);
                         sub.expiry = now + u64::from(days) * 86_400;
                         sub.last_interaction = now;
-                        Out::Ok
+                        Answer::Ok
                     }
                 };
                 (got, want)
@@ -398,20 +402,20 @@ fn run(ops: &[Op], deferred: bool) -> Result<(), TestCaseError> {
                     h.store()
                         .withdraw_purpose(&format!("subj-{s}"), &purpose(impersonation)),
                     |w| match w {
-                        Withdrawal::Revoked(_) => Out::Revoked,
-                        Withdrawal::Remaining(p) => Out::Remaining(p.len()),
+                        Withdrawal::Revoked(_) => Answer::Revoked,
+                        Withdrawal::Remaining(p) => Answer::Remaining(p.len()),
                     },
                 );
                 let want = match m.live(s as usize, step) {
                     Err(e) => e,
                     Ok(sub) => {
                         if !sub.purposes.remove(&impersonation) {
-                            Out::NotConsented
+                            Answer::NotConsented
                         } else if sub.purposes.is_empty() {
                             m.destroy(s as usize, step);
-                            Out::Revoked
+                            Answer::Revoked
                         } else {
-                            Out::Remaining(sub.purposes.len())
+                            Answer::Remaining(sub.purposes.len())
                         }
                     }
                 };
@@ -421,10 +425,10 @@ fn run(ops: &[Op], deferred: bool) -> Result<(), TestCaseError> {
                 h.clock
                     .advance(std::time::Duration::from_secs(u64::from(secs)));
                 m.now += u64::from(secs);
-                (Out::Ok, Out::Ok)
+                (Answer::Ok, Answer::Ok)
             }
             Op::Sweep => {
-                let got = out(h.store().sweep(), |r| Out::Swept(r.expired));
+                let got = out(h.store().sweep(), |r| Answer::Swept(r.expired));
                 let due: Vec<usize> = (0..SUBJECTS as usize)
                     .filter(|&s| {
                         m.subs[s]
@@ -435,16 +439,16 @@ fn run(ops: &[Op], deferred: bool) -> Result<(), TestCaseError> {
                 for &s in &due {
                     m.destroy(s, step);
                 }
-                (got, Out::Swept(due.len()))
+                (got, Answer::Swept(due.len()))
             }
             Op::Reopen => {
                 h.reopen();
-                (Out::Ok, Out::Ok)
+                (Answer::Ok, Answer::Ok)
             }
             Op::Shred => {
                 h.store().shred().expect("shred");
                 prop_assert_eq!(h.store().stats().expect("stats").pending_shreds, 0);
-                (Out::Ok, Out::Ok)
+                (Answer::Ok, Answer::Ok)
             }
             Op::Snapshot => {
                 h.store = None;
@@ -461,7 +465,7 @@ fn run(ops: &[Op], deferred: bool) -> Result<(), TestCaseError> {
                     .collect();
                 h.snapshots.push((snap, step, alive));
                 h.reopen();
-                (Out::Ok, Out::Ok)
+                (Answer::Ok, Answer::Ok)
             }
         };
         prop_assert_eq!(&got, &want, "step {}: {:?}", step, op);
