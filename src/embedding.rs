@@ -122,6 +122,10 @@ impl Template {
         &self.0
     }
 
+    pub(crate) fn values_mut(&mut self) -> &mut [i16] {
+        &mut self.0
+    }
+
     #[cfg(test)]
     pub(crate) fn from_raw(v: Vec<i16>) -> Self {
         Template(Zeroizing::new(v))

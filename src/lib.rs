@@ -127,3 +127,61 @@ pub mod __fuzz {
             .map_err(Into::into)
     }
 }
+
+/// The constant-time matcher on caller-supplied vectors, for the timing-leak
+/// measurement (`benches/timing_leak.rs`). Not a stable API. It exposes no
+/// stored template and no score: the caller supplies every vector and gets
+/// the decision only.
+#[doc(hidden)]
+pub mod __timing {
+    use crate::embedding::{Embedding, Template};
+    use crate::error::Result;
+    use crate::matcher::{decide, Decision, Threshold};
+
+    /// Quantised templates and a probe, ready for repeated decisions.
+    pub struct Fixture {
+        templates: Vec<Template>,
+        probe: Template,
+        threshold: i64,
+    }
+
+    impl Fixture {
+        /// Validate and quantise like the store does.
+        pub fn new(templates: Vec<Vec<f32>>, probe: Vec<f32>, threshold: f32) -> Result<Self> {
+            let dim = probe.len();
+            let templates = templates
+                .into_iter()
+                .map(|t| Embedding::new(t).quantize(dim))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            Ok(Fixture {
+                templates,
+                probe: Embedding::new(probe).quantize(dim)?,
+                threshold: Threshold::cosine(threshold).fixed(),
+            })
+        }
+
+        /// Number of templates.
+        pub fn templates(&self) -> usize {
+            self.templates.len()
+        }
+
+        /// Overwrite this fixture's values with `other`'s, in place (same
+        /// buffers, same addresses), so that both classes of a timing test
+        /// run through identical memory. Shapes must agree.
+        pub fn load_from(&mut self, other: &Fixture) {
+            for (t, o) in self.templates.iter_mut().zip(&other.templates) {
+                t.values_mut().copy_from_slice(o.values());
+            }
+            self.probe
+                .values_mut()
+                .copy_from_slice(other.probe.values());
+            self.threshold = other.threshold;
+        }
+
+        /// One decision, exactly as `Store::verify` makes it.
+        #[inline(never)]
+        pub fn decide(&self) -> Decision {
+            decide(&self.templates, &self.probe, self.threshold)
+        }
+    }
+}
