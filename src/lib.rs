@@ -39,10 +39,10 @@
 //!         .threshold(Threshold::cosine(0.8)),
 //! )?;
 //!
-//! let one_year = Timestamp::from_unix_secs(
-//!     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
-//!         + 365 * 86_400,
-//! );
+//! let now = std::time::SystemTime::now()
+//!     .duration_since(std::time::UNIX_EPOCH)
+//!     .map_or(0, |d| d.as_secs());
+//! let one_year = Timestamp::from_unix_secs(now + 365 * 86_400);
 //! let consent = Consent::new([Purpose::IDENTITY_VERIFICATION])
 //!     .expires_at(one_year)
 //!     .evidence([0u8; 32]); // SHA-256 of the signed release

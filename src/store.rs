@@ -261,17 +261,13 @@ impl Store {
                 (rec, dek, payload)
             }
         };
-        let mut batch = sled::Batch::default();
-        self.put_subject(&mut batch, &p, b, rec, &dek, &payload, true, &state)?;
-        self.db.records.apply_batch(batch)?;
-        self.log(
-            now,
-            AuditEntry::new(AuditEvent::Enroll)
-                .subject(&p)
-                .outcome(AuditOutcome::Ok),
-        )?;
-        self.db.db.flush()?;
-        Ok(())
+        let l = Loaded {
+            rec,
+            dek,
+            payload,
+            state,
+        };
+        self.commit_subject(&p, b, &l, true, now, AuditEntry::new(AuditEvent::Enroll))
     }
 
     /// Is `probe` the enrolled person? Returns [`Decision`] and nothing else.
@@ -340,25 +336,18 @@ impl Store {
         let consent = consent.accept(now, self.max_consent_lifetime)?;
         let (p, b, key) = self.locate(subject);
         let guard = self.lock(b);
-        let Loaded {
-            rec,
-            dek,
-            mut payload,
-            mut state,
-        } = self.load_live(&p, b, &key, now, &guard)?;
-        payload.consent = consent;
-        state.last_interaction = now.unix_secs();
-        let mut batch = sled::Batch::default();
-        let status = self.status(&payload.consent, &state);
-        self.put_subject(&mut batch, &p, b, rec, &dek, &payload, true, &state)?;
-        self.db.records.apply_batch(batch)?;
-        self.log(
+        let mut l = self.load_live(&p, b, &key, now, &guard)?;
+        l.payload.consent = consent;
+        l.state.last_interaction = now.unix_secs();
+        let status = self.status(&l.payload.consent, &l.state);
+        self.commit_subject(
+            &p,
+            b,
+            &l,
+            true,
             now,
-            AuditEntry::new(AuditEvent::ConsentRenewed)
-                .subject(&p)
-                .outcome(AuditOutcome::Ok),
+            AuditEntry::new(AuditEvent::ConsentRenewed),
         )?;
-        self.db.db.flush()?;
         Ok(status)
     }
 
@@ -369,31 +358,20 @@ impl Store {
         let now = self.clock.now();
         let (p, b, key) = self.locate(subject);
         let guard = self.lock(b);
-        let Loaded {
-            rec,
-            dek,
-            mut payload,
-            state,
-        } = self.load_live(&p, b, &key, now, &guard)?;
-        if !payload.consent.withdraw(purpose) {
+        let mut l = self.load_live(&p, b, &key, now, &guard)?;
+        if !l.payload.consent.withdraw(purpose) {
             return Err(Error::PurposeNotConsented);
         }
-        let entry = AuditEntry::new(AuditEvent::PurposeWithdrawn)
-            .subject(&p)
-            .purpose(purpose);
-        if payload.consent.purposes().next().is_none() {
-            drop(payload);
-            self.log(now, entry.outcome(AuditOutcome::Ok))?;
+        let entry = AuditEntry::new(AuditEvent::PurposeWithdrawn).purpose(purpose);
+        if l.payload.consent.purposes().next().is_none() {
+            drop(l);
+            self.log(now, entry.subject(&p).outcome(AuditOutcome::Ok))?;
             return self
                 .revoke_locked(b, &p, AuditEvent::Revoke, &guard)
                 .map(Withdrawal::Revoked);
         }
-        let remaining = payload.consent.purposes().cloned().collect();
-        let mut batch = sled::Batch::default();
-        self.put_subject(&mut batch, &p, b, rec, &dek, &payload, true, &state)?;
-        self.db.records.apply_batch(batch)?;
-        self.log(now, entry.outcome(AuditOutcome::Ok))?;
-        self.db.db.flush()?;
+        let remaining = l.payload.consent.purposes().cloned().collect();
+        self.commit_subject(&p, b, &l, true, now, entry)?;
         Ok(Withdrawal::Remaining(remaining))
     }
 
@@ -415,24 +393,16 @@ impl Store {
         let now = self.clock.now();
         let (p, b, key) = self.locate(subject);
         let guard = self.lock(b);
-        let Loaded {
-            rec,
-            dek,
-            payload,
-            mut state,
-        } = self.load_live(&p, b, &key, now, &guard)?;
-        state.failures = 0;
-        let mut batch = sled::Batch::default();
-        self.put_subject(&mut batch, &p, b, rec, &dek, &payload, false, &state)?;
-        self.db.records.apply_batch(batch)?;
-        self.log(
+        let mut l = self.load_live(&p, b, &key, now, &guard)?;
+        l.state.failures = 0;
+        self.commit_subject(
+            &p,
+            b,
+            &l,
+            false,
             now,
-            AuditEntry::new(AuditEvent::AttemptsReset)
-                .subject(&p)
-                .outcome(AuditOutcome::Ok),
-        )?;
-        self.db.db.flush()?;
-        Ok(())
+            AuditEntry::new(AuditEvent::AttemptsReset),
+        )
     }
 
     /// Destroy every subject past its deadline (consent expiry, or the
@@ -606,7 +576,7 @@ impl Store {
         }
         if next != st {
             let mut batch = sled::Batch::default();
-            self.put_subject(&mut batch, p, b, l.rec, &l.dek, &l.payload, false, &next)?;
+            self.put_subject(&mut batch, p, b, &Loaded { state: next, ..l }, false)?;
             self.db.records.apply_batch(batch)?;
         }
         // A failure must survive a crash: otherwise crashing the service
@@ -797,30 +767,49 @@ impl Store {
 
     /// Queue the writes of a subject: its record (re-sealing the payload
     /// when `reseal`), its sealed state, and its retention-index entry.
-    #[allow(clippy::too_many_arguments)]
     fn put_subject(
         &self,
         batch: &mut sled::Batch,
         p: &Pseudonym,
         b: u32,
-        mut rec: SubjectRecord,
-        dek: &[u8; 32],
-        payload: &SubjectPayload,
+        l: &Loaded,
         reseal: bool,
-        state: &SubjectState,
     ) -> Result<()> {
         let store_id = self.keyring.header().store_id;
-        let key = AeadKey::new(dek);
+        let key = AeadKey::new(&l.dek);
         if reseal {
-            rec.payload = key.seal(&payload_aad(&store_id, p), &payload.encode()?)?;
+            let rec = SubjectRecord {
+                generation: l.rec.generation,
+                wrapped_dek: l.rec.wrapped_dek,
+                payload: key.seal(&payload_aad(&store_id, p), &l.payload.encode()?)?,
+            };
             batch.insert(&storage::subject_key(b, p)[..], rec.encode());
         }
         batch.insert(
             &storage::state_key(b, p)[..],
-            key.seal(&state_aad(&store_id, p), &state.encode()?)?,
+            key.seal(&state_aad(&store_id, p), &l.state.encode()?)?,
         );
-        let day = day_of(self.deadline(&payload.consent, state).unix_secs());
+        let day = day_of(self.deadline(&l.payload.consent, &l.state).unix_secs());
         self.move_index(batch, b, p, day)
+    }
+
+    /// Write a subject durably with its audit entry: one atomic batch, the
+    /// entry, one flush.
+    fn commit_subject(
+        &self,
+        p: &Pseudonym,
+        b: u32,
+        l: &Loaded,
+        reseal: bool,
+        now: Timestamp,
+        entry: AuditEntry,
+    ) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        self.put_subject(&mut batch, p, b, l, reseal)?;
+        self.db.records.apply_batch(batch)?;
+        self.log(now, entry.subject(p).outcome(AuditOutcome::Ok))?;
+        self.db.db.flush()?;
+        Ok(())
     }
 
     /// Point the subject's retention-index entry at `day` (the day of its
