@@ -1,0 +1,139 @@
+//! The benchmark peer: what a competent team would build without bioseal.
+//! SQLCipher (WAL, synchronous=NORMAL) holding one row per subject with the
+//! embedding as an AES-256-GCM-sealed blob, f32 cosine computed in the
+//! application, and an audit row inserted in the same transaction.
+//!
+//! Shared by `benches/compare.rs` and `examples/perf_table.rs`. Not part of
+//! the library.
+#![allow(dead_code)]
+
+use aes_gcm::aead::AeadInPlace;
+use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
+use ring::rand::SecureRandom;
+use rusqlite::{params, Connection, OptionalExtension};
+use std::path::Path;
+
+pub struct Peer {
+    conn: Connection,
+    aead: Aes256Gcm,
+    threshold: f32,
+    rng: ring::rand::SystemRandom,
+}
+
+fn normalise(v: &[f32]) -> Vec<f32> {
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    v.iter().map(|x| x / n).collect()
+}
+
+impl Peer {
+    /// Open (or create) the peer database at `path`.
+    pub fn open(path: &Path, threshold: f32) -> rusqlite::Result<Peer> {
+        let conn = Connection::open(path)?;
+        conn.execute_batch(&format!("PRAGMA key = \"x'{}'\";", "2d".repeat(32)))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS subjects (id TEXT PRIMARY KEY, blob BLOB NOT NULL);
+             CREATE TABLE IF NOT EXISTS audit (seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                 time INTEGER NOT NULL, subject TEXT NOT NULL, event TEXT NOT NULL, outcome TEXT);",
+        )?;
+        Ok(Peer {
+            conn,
+            aead: Aes256Gcm::new(&[0x3c; 32].into()),
+            threshold,
+            rng: ring::rand::SystemRandom::new(),
+        })
+    }
+
+    fn now() -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64)
+    }
+
+    pub fn enroll(&mut self, id: &str, embedding: &[f32]) -> rusqlite::Result<()> {
+        let mut buf: Vec<u8> = normalise(embedding)
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        let mut nonce = [0u8; 12];
+        self.rng
+            .fill(&mut nonce)
+            .map_err(|_| rusqlite::Error::InvalidQuery)?;
+        let tag = self
+            .aead
+            .encrypt_in_place_detached(Nonce::from_slice(&nonce), id.as_bytes(), &mut buf)
+            .map_err(|_| rusqlite::Error::InvalidQuery)?;
+        let mut blob = nonce.to_vec();
+        blob.extend_from_slice(&buf);
+        blob.extend_from_slice(&tag);
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT OR REPLACE INTO subjects (id, blob) VALUES (?1, ?2)",
+            params![id, blob],
+        )?;
+        tx.execute(
+            "INSERT INTO audit (time, subject, event, outcome) VALUES (?1, ?2, 'enroll', 'ok')",
+            params![Self::now(), id],
+        )?;
+        tx.commit()
+    }
+
+    /// Some(match?) or None for an unknown subject.
+    pub fn verify(&mut self, id: &str, probe: &[f32]) -> rusqlite::Result<Option<bool>> {
+        let tx = self.conn.transaction()?;
+        let blob: Option<Vec<u8>> = tx
+            .query_row(
+                "SELECT blob FROM subjects WHERE id = ?1",
+                params![id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let result = match blob {
+            None => None,
+            Some(blob) if blob.len() > 28 => {
+                let (nonce, rest) = blob.split_at(12);
+                let (ct, tag) = rest.split_at(rest.len() - 16);
+                let mut buf = ct.to_vec();
+                self.aead
+                    .decrypt_in_place_detached(
+                        Nonce::from_slice(nonce),
+                        id.as_bytes(),
+                        &mut buf,
+                        Tag::from_slice(tag),
+                    )
+                    .map_err(|_| rusqlite::Error::InvalidQuery)?;
+                let t: Vec<f32> = buf
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                let p = normalise(probe);
+                let cos: f32 = t.iter().zip(&p).map(|(a, b)| a * b).sum();
+                Some(cos >= self.threshold)
+            }
+            Some(_) => return Err(rusqlite::Error::InvalidQuery),
+        };
+        let outcome = match result {
+            Some(true) => "match",
+            Some(false) => "no-match",
+            None => "not-enrolled",
+        };
+        tx.execute(
+            "INSERT INTO audit (time, subject, event, outcome) VALUES (?1, ?2, 'verify', ?3)",
+            params![Self::now(), id, outcome],
+        )?;
+        tx.commit()?;
+        Ok(result)
+    }
+
+    pub fn revoke(&mut self, id: &str) -> rusqlite::Result<bool> {
+        let tx = self.conn.transaction()?;
+        let n = tx.execute("DELETE FROM subjects WHERE id = ?1", params![id])?;
+        tx.execute(
+            "INSERT INTO audit (time, subject, event, outcome) VALUES (?1, ?2, 'revoke', 'ok')",
+            params![Self::now(), id],
+        )?;
+        tx.commit()?;
+        Ok(n == 1)
+    }
+}

@@ -1,0 +1,176 @@
+//! Prints a table of bioseal's and the SQLCipher peer's latencies (median,
+//! p99) and the ratios, every figure from this one run:
+//!
+//! `cargo run --release --example perf_table`
+//!
+//! `BIOSEAL_PERF_SUBJECTS` sets the population (default 10,000) and
+//! `BIOSEAL_PERF_OPS` the operations timed per row (default 2,000).
+
+#[path = "../benches/peer/mod.rs"]
+mod peer;
+
+use bioseal::{
+    Consent, Embedding, Error, Purpose, RootKey, Store, StoreConfig, Threshold, Timestamp,
+};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+const DIM: usize = 512;
+const THRESHOLD: f32 = 0.5;
+
+fn unit(seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let v: Vec<f32> = (0..DIM)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect();
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    v.into_iter().map(|x| x / n).collect()
+}
+
+fn consent() -> Consent {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    Consent::new([Purpose::IDENTITY_VERIFICATION])
+        .expires_at(Timestamp::from_unix_secs(now + 365 * 86_400))
+        .evidence([1; 32])
+}
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// (median, p99) of per-call durations.
+fn stats(mut d: Vec<Duration>) -> (Duration, Duration) {
+    d.sort();
+    (d[d.len() / 2], d[(d.len() * 99 / 100).min(d.len() - 1)])
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.1} µs", d.as_secs_f64() * 1e6)
+}
+
+fn row(name: &str, ours: (Duration, Duration), peer: (Duration, Duration)) {
+    println!(
+        "| {name:<22} | {:>10} | {:>10} | {:>10} | {:>10} | {:>6.1}x |",
+        us(ours.0),
+        us(ours.1),
+        us(peer.0),
+        us(peer.1),
+        peer.0.as_secs_f64() / ours.0.as_secs_f64()
+    );
+}
+
+fn main() -> Result<(), Error> {
+    let n = env("BIOSEAL_PERF_SUBJECTS", 10_000);
+    let ops = env("BIOSEAL_PERF_OPS", 2_000).min(n / 2);
+    let dirs = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let store = Store::open(
+        StoreConfig::new(dirs.0.path(), RootKey::from_bytes([3; 32]))
+            .model("bench", DIM)
+            .threshold(Threshold::cosine(THRESHOLD)),
+    )?;
+    let peer_path = dirs.1.path().join("peer.db");
+    let mut p =
+        peer::Peer::open(&peer_path, THRESHOLD).map_err(|e| Error::Config(e.to_string()))?;
+    let t0 = Instant::now();
+    for i in 0..n {
+        let v = unit(i as u64);
+        store.enroll(&format!("s{i}"), Embedding::from_slice(&v), consent())?;
+        p.enroll(&format!("s{i}"), &v)
+            .map_err(|e| Error::Config(e.to_string()))?;
+    }
+    eprintln!(
+        "populated {n} subjects in both in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+
+    let time = |f: &mut dyn FnMut(usize)| -> (Duration, Duration) {
+        let d = (0..ops)
+            .map(|i| {
+                let t = Instant::now();
+                f(i);
+                t.elapsed()
+            })
+            .collect();
+        stats(d)
+    };
+    println!("{n} subjects, {DIM} dimensions, {ops} operations per row, 2 cores");
+    println!("| operation              | bioseal p50 | bioseal p99 | peer p50   | peer p99   | peer/ours |");
+    println!("|------------------------|------------:|------------:|-----------:|-----------:|----------:|");
+    let v_ours = time(&mut |i| {
+        let d = store.verify(
+            &format!("s{i}"),
+            &Purpose::IDENTITY_VERIFICATION,
+            Embedding::new(unit(i as u64)),
+        );
+        assert!(matches!(d, Ok(bioseal::Decision::Match)));
+    });
+    let v_peer = time(&mut |i| {
+        assert_eq!(
+            p.verify(&format!("s{i}"), &unit(i as u64)).ok().flatten(),
+            Some(true)
+        );
+    });
+    row("verify (hot)", v_ours, v_peer);
+    let e_ours = time(&mut |i| {
+        let _ = store.enroll(
+            &format!("e{i}"),
+            Embedding::new(unit((n + i) as u64)),
+            consent(),
+        );
+    });
+    let e_peer = time(&mut |i| {
+        let _ = p.enroll(&format!("e{i}"), &unit((n + i) as u64));
+    });
+    row("enroll (durable)", e_ours, e_peer);
+    let r_ours = time(&mut |i| {
+        let _ = store.revoke(&format!("e{i}"));
+    });
+    let r_peer = time(&mut |i| {
+        let _ = p.revoke(&format!("e{i}"));
+    });
+    row("revoke (ours: shredded)", r_ours, r_peer);
+
+    // Verify throughput on 1 and 2 threads (bioseal).
+    let store = std::sync::Arc::new(store);
+    let mut per_sec = Vec::new();
+    for threads in [1usize, 2] {
+        let per = ops;
+        let t = Instant::now();
+        std::thread::scope(|sc| {
+            for th in 0..threads {
+                let store = &store;
+                sc.spawn(move || {
+                    for j in 0..per {
+                        let i = (th * 7919 + j) % (n / 2);
+                        let _ = store.verify(
+                            &format!("s{i}"),
+                            &Purpose::IDENTITY_VERIFICATION,
+                            Embedding::new(unit(i as u64)),
+                        );
+                    }
+                });
+            }
+        });
+        per_sec.push((threads * per) as f64 / t.elapsed().as_secs_f64());
+    }
+    println!(
+        "\nbioseal verify throughput: 1 thread {:.0}/s, 2 threads {:.0}/s ({:.2}x)",
+        per_sec[0],
+        per_sec[1],
+        per_sec[1] / per_sec[0]
+    );
+    println!(
+        "verify throughput vs peer (1 thread, from the medians): {:.1}x",
+        v_peer.0.as_secs_f64() / v_ours.0.as_secs_f64()
+    );
+    Ok(())
+}
