@@ -3,17 +3,29 @@
 //! MACed. It holds pseudonyms, purposes, outcomes and counts: never a
 //! template, a score, a key or a subject id.
 //!
-//! Entry `i` is stored in sled tree `audit` under its sequence number (u64
-//! BE) as `sealed_i || mac_i`, where `sealed_i` is `bincode(entry)` sealed
-//! with AES-256-GCM under the audit sealing key (associated data: the
-//! sequence number), so that purposes and times are not readable at rest, and
+//! Entry `i` is sealed as `sealed_i` = AES-256-GCM(bincode(entry)) under
+//! the audit sealing key (associated data: the sequence number), so that
+//! purposes and times are not readable at rest, and chained by
 //! `mac_i = HMAC-SHA-256(audit MAC key, "bioseal/v1/audit" || mac_{i-1} || sealed_i)`
 //! with `mac_{-1}` = 32 zero bytes. Both keys are HKDF-derived from the audit
-//! key in the keyring. Each MAC covers its predecessor, so an
-//! edited, dropped, reordered or inserted entry breaks the chain at that
-//! entry. Dropping the newest entries leaves a valid shorter chain: record
-//! [`AuditHead`]s outside the store and check them with
-//! [`AuditLog::verify_against`].
+//! key in the keyring.
+//!
+//! Storage: sled tree `audit` holds segments of up to 256 consecutive
+//! entries. Key: the first entry's sequence number (u64 BE). Value: the
+//! entries, each `len (u32 BE) || sealed_i || mac_i` with `len` counting
+//! `sealed_i || mac_i`.
+//!
+//! `append` only hands out the sequence number and queues the entry (a
+//! verify holds the audit lock for well under a microsecond); the drainer
+//! (the store's flusher thread, every durable operation, every reader)
+//! seals, chains and writes queued entries in order, one sled insert per
+//! segment. Drains are serialised, so a crash loses at most a suffix of the
+//! log, never a middle entry.
+//!
+//! Each MAC covers its predecessor, so an edited, dropped, reordered or
+//! inserted entry breaks the chain at that entry. Dropping the newest
+//! entries leaves a valid shorter chain: record [`AuditHead`]s outside the
+//! store and check them with [`AuditLog::verify_against`].
 
 use crate::clock::Timestamp;
 use crate::consent::Purpose;
@@ -26,7 +38,7 @@ use ring::hmac;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::io::Write;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use subtle::ConstantTimeEq;
 
 /// What happened.
@@ -158,11 +170,23 @@ pub struct AuditHead {
 
 /// The store's audit log. Obtain it with [`crate::Store::audit`].
 pub struct AuditLog {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
     tree: sled::Tree,
     key: hmac::Key,
     seal: AeadKey,
-    /// Next sequence number and the MAC of the last entry.
-    head: Mutex<(u64, [u8; 32])>,
+    /// Next sequence number, and entries not yet sealed and written.
+    queue: Mutex<Queue>,
+    /// MAC of the last written entry. Held for a whole drain, which
+    /// serialises drains.
+    chain: Mutex<[u8; 32]>,
+}
+
+struct Queue {
+    next_seq: u64,
+    entries: Vec<AuditEntry>,
 }
 
 impl fmt::Debug for AuditLog {
@@ -172,6 +196,12 @@ impl fmt::Debug for AuditLog {
             .finish_non_exhaustive()
     }
 }
+
+/// Entries per sled value.
+const SEGMENT: usize = 256;
+/// Queued entries that make `append` drain by itself (the flusher normally
+/// drains first).
+const QUEUE_LIMIT: usize = 8192;
 
 const MAC_LEN: usize = 32;
 
@@ -199,78 +229,149 @@ fn entry_aad(seq: u64) -> [u8; 28] {
     a
 }
 
-fn split(value: &[u8]) -> Option<(&[u8], &[u8])> {
-    (value.len() > MAC_LEN).then(|| value.split_at(value.len() - MAC_LEN))
+/// An entry's `sealed` and `mac` parts, borrowed from its segment.
+type RawEntry<'a> = (&'a [u8], &'a [u8]);
+
+/// Split a segment into its entries; the flag is false when a length field
+/// is malformed (the entries before it are returned).
+fn entries_of(value: &[u8]) -> (Vec<RawEntry<'_>>, bool) {
+    let mut out = Vec::new();
+    let mut rest = value;
+    while !rest.is_empty() {
+        if rest.len() < 4 {
+            return (out, false);
+        }
+        let (l, r) = rest.split_at(4);
+        let len = u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize;
+        if len <= MAC_LEN || len > r.len() {
+            return (out, false);
+        }
+        let (entry, r) = r.split_at(len);
+        out.push(entry.split_at(len - MAC_LEN));
+        rest = r;
+    }
+    (out, true)
+}
+
+impl Inner {
+    /// Seal, chain and write every queued entry, in order (not flushed: the
+    /// caller flushes).
+    pub(crate) fn drain(&self) -> Result<()> {
+        let mut chain = self.chain.lock().unwrap_or_else(|e| e.into_inner());
+        let entries =
+            std::mem::take(&mut self.queue.lock().unwrap_or_else(|e| e.into_inner()).entries);
+        for segment in entries.chunks(SEGMENT) {
+            let mut value = Vec::with_capacity(segment.len() * 160);
+            for e in segment {
+                let body = codec()
+                    .serialize(e)
+                    .map_err(|_| Error::Config("audit entry encoding".into()))?;
+                let sealed = self.seal.seal(&entry_aad(e.seq), &body)?;
+                let m = mac(&self.key, &chain, &sealed);
+                value.extend_from_slice(&((sealed.len() + MAC_LEN) as u32).to_be_bytes());
+                value.extend_from_slice(&sealed);
+                value.extend_from_slice(&m);
+                *chain = m;
+            }
+            // One insert per segment: no sled batch, whose write lock would
+            // stall every concurrent read.
+            self.tree.insert(segment[0].seq.to_be_bytes(), value)?;
+        }
+        Ok(())
+    }
 }
 
 impl AuditLog {
     pub(crate) fn open(tree: sled::Tree, audit_key: &[u8; 32]) -> Result<Self> {
-        let head = match tree.last()? {
+        let (next_seq, last) = match tree.last()? {
             None => (0, [0u8; 32]),
             Some((k, v)) => {
-                let mut seq = [0u8; 8];
-                if k.len() != 8 {
-                    return Err(Error::AuditChainBroken { seq: 0 });
-                }
-                seq.copy_from_slice(&k);
-                // A damaged last entry is reported by verify_chain; appending
-                // goes on after it so that new events are not lost.
+                let first: [u8; 8] = k
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| Error::AuditChainBroken { seq: 0 })?;
+                // A damaged last segment is reported by verify_chain;
+                // appending goes on after what parses, so that new events
+                // are not lost.
+                let (entries, _) = entries_of(&v);
                 let mut last = [0u8; 32];
-                if let Some((_, m)) = split(&v) {
+                if let Some((_, m)) = entries.last() {
                     last.copy_from_slice(m);
                 }
-                (u64::from_be_bytes(seq).saturating_add(1), last)
+                (
+                    u64::from_be_bytes(first).saturating_add(entries.len() as u64),
+                    last,
+                )
             }
         };
         let mac_key = hkdf32(b"bioseal", audit_key, b"bioseal/v1/audit-mac");
         let seal_key = hkdf32(b"bioseal", audit_key, b"bioseal/v1/audit-seal");
         Ok(AuditLog {
-            tree,
-            key: hmac::Key::new(hmac::HMAC_SHA256, mac_key.as_ref()),
-            seal: AeadKey::new(&seal_key),
-            head: Mutex::new(head),
+            inner: Arc::new(Inner {
+                tree,
+                key: hmac::Key::new(hmac::HMAC_SHA256, mac_key.as_ref()),
+                seal: AeadKey::new(&seal_key),
+                queue: Mutex::new(Queue {
+                    next_seq,
+                    entries: Vec::new(),
+                }),
+                chain: Mutex::new(last),
+            }),
         })
     }
 
-    /// Append an entry (time and sequence number are filled in). Written to
-    /// sled at once; durable at the next flush.
+    /// Append an entry (time and sequence number are filled in). Queued;
+    /// written by the next drain and durable at the next flush (see
+    /// `Durability`).
     pub(crate) fn append(&self, time: Timestamp, mut entry: AuditEntry) -> Result<()> {
-        let mut head = self.head.lock().unwrap_or_else(|e| e.into_inner());
-        entry.seq = head.0;
-        entry.time = time;
-        let body = codec()
-            .serialize(&entry)
-            .map_err(|_| Error::Config("audit entry encoding".into()))?;
-        let mut value = self.seal.seal(&entry_aad(entry.seq), &body)?;
-        let m = mac(&self.key, &head.1, &value);
-        value.extend_from_slice(&m);
-        self.tree.insert(entry.seq.to_be_bytes(), value)?;
-        *head = (entry.seq + 1, m);
+        let full = {
+            let mut q = self.inner.queue.lock().unwrap_or_else(|e| e.into_inner());
+            entry.seq = q.next_seq;
+            entry.time = time;
+            q.next_seq += 1;
+            q.entries.push(entry);
+            q.entries.len() >= QUEUE_LIMIT
+        };
+        if full {
+            self.inner.drain()?;
+        }
         Ok(())
     }
 
-    /// Walk the whole log: sequence numbers from 0 without gaps, each entry
-    /// decodes, carries its own sequence number, and its MAC chains from the
-    /// previous one. Returns the head, or [`Error::AuditChainBroken`] naming
-    /// the first entry that fails.
-    pub fn verify_chain(&self) -> Result<AuditHead> {
+    /// The drainer, for the store's flusher thread and its flushes.
+    pub(crate) fn inner(&self) -> Arc<Inner> {
+        self.inner.clone()
+    }
+
+    /// Visit every stored entry in order, checking sequence numbers,
+    /// decoding and (if `check_mac`) the MAC chain; `f` gets each entry and
+    /// its MAC. Returns the head, or the first broken sequence number.
+    fn walk(&self, check_mac: bool, mut f: impl FnMut(&AuditEntry, &[u8])) -> Result<AuditHead> {
+        self.inner.drain()?;
         let mut prev = [0u8; 32];
         let mut expected = 0u64;
-        for kv in self.tree.iter() {
+        for kv in self.inner.tree.iter() {
             let (k, v) = kv?;
             let broken = Error::AuditChainBroken { seq: expected };
             if k.as_ref() != expected.to_be_bytes() {
                 return Err(broken);
             }
-            let (sealed, m) = split(&v).ok_or(Error::AuditChainBroken { seq: expected })?;
-            if !bool::from(mac(&self.key, &prev, sealed).ct_eq(m)) {
-                return Err(broken);
+            let (entries, well_formed) = entries_of(&v);
+            for (sealed, m) in entries {
+                if check_mac && !bool::from(mac(&self.inner.key, &prev, sealed).ct_eq(m)) {
+                    return Err(Error::AuditChainBroken { seq: expected });
+                }
+                let entry = self.open_entry(expected, sealed)?;
+                if entry.seq != expected {
+                    return Err(Error::AuditChainBroken { seq: expected });
+                }
+                f(&entry, m);
+                prev.copy_from_slice(m);
+                expected += 1;
             }
-            if self.open_entry(expected, sealed)?.seq != expected {
-                return Err(broken);
+            if !well_formed {
+                return Err(Error::AuditChainBroken { seq: expected });
             }
-            prev.copy_from_slice(m);
-            expected += 1;
         }
         Ok(AuditHead {
             entries: expected,
@@ -278,30 +379,36 @@ impl AuditLog {
         })
     }
 
+    /// Walk the whole log: sequence numbers from 0 without gaps, each entry
+    /// decodes, carries its own sequence number, and its MAC chains from the
+    /// previous one. Returns the head, or [`Error::AuditChainBroken`] naming
+    /// the first entry that fails.
+    pub fn verify_chain(&self) -> Result<AuditHead> {
+        self.walk(true, |_, _| {})
+    }
+
     /// [`AuditLog::verify_chain`], and check that the log still contains the
     /// entry an earlier head ended at, unchanged: detects truncation and
     /// rollback past that point.
     pub fn verify_against(&self, anchor: &AuditHead) -> Result<AuditHead> {
-        let head = self.verify_chain()?;
-        if anchor.entries == 0 {
-            return Ok(head);
-        }
-        let last = anchor.entries - 1;
-        let ok = match self.tree.get(last.to_be_bytes())? {
-            Some(v) => split(&v).is_some_and(|(_, m)| bool::from(m.ct_eq(&anchor.last_mac))),
-            None => false,
-        };
-        if ok {
-            Ok(head)
-        } else {
-            Err(Error::AuditChainBroken {
-                seq: last.min(head.entries),
-            })
+        let target = anchor.entries.checked_sub(1);
+        let mut found = false;
+        let head = self.walk(true, |e, m| {
+            if Some(e.seq) == target {
+                found = bool::from(m.ct_eq(&anchor.last_mac));
+            }
+        })?;
+        match target {
+            Some(t) if !found => Err(Error::AuditChainBroken {
+                seq: t.min(head.entries),
+            }),
+            _ => Ok(head),
         }
     }
 
     fn open_entry(&self, seq: u64, sealed: &[u8]) -> Result<AuditEntry> {
         let body = self
+            .inner
             .seal
             .open(&entry_aad(seq), sealed)
             .map_err(|_| Error::AuditChainBroken { seq })?;
@@ -310,19 +417,10 @@ impl AuditLog {
             .map_err(|_| Error::AuditChainBroken { seq })
     }
 
-    /// All entries, in order. Does not verify the chain.
+    /// All entries, in order (checks decoding and sequence, not the MACs).
     pub fn entries(&self) -> Result<Vec<AuditEntry>> {
         let mut out = Vec::new();
-        for kv in self.tree.iter() {
-            let (k, v) = kv?;
-            let mut seq = [0u8; 8];
-            if k.len() == 8 {
-                seq.copy_from_slice(&k);
-            }
-            let seq = u64::from_be_bytes(seq);
-            let (sealed, _) = split(&v).ok_or(Error::AuditChainBroken { seq })?;
-            out.push(self.open_entry(seq, sealed)?);
-        }
+        self.walk(false, |e, _| out.push(e.clone()))?;
         Ok(out)
     }
 
@@ -330,41 +428,38 @@ impl AuditLog {
     /// review. Verifies the chain first and refuses to export a broken one.
     /// Returns the number of lines.
     pub fn export(&self, mut out: impl Write) -> Result<u64> {
-        self.verify_chain()?;
-        let mut n = 0;
-        for kv in self.tree.iter() {
-            let (_, v) = kv?;
-            let (sealed, m) = split(&v).ok_or(Error::AuditChainBroken { seq: n })?;
-            let e = self.open_entry(n, sealed)?;
-            let line = ExportLine {
+        let mut lines = Vec::new();
+        let head = self.walk(true, |e, m| {
+            lines.push(ExportLine {
                 seq: e.seq,
                 time: e.time.unix_secs(),
                 event: e.event,
                 subject: e.subject.map(|p| hex(&p)),
-                purpose: e.purpose.as_ref().map(Purpose::as_str),
+                purpose: e.purpose.as_ref().map(|p| p.as_str().to_owned()),
                 outcome: e.outcome,
                 bucket: e.bucket,
                 generation: e.generation,
                 count: e.count,
                 mac: hex(m),
-            };
-            serde_json::to_writer(&mut out, &line).map_err(|e| Error::Io(e.into()))?;
+            })
+        })?;
+        for line in &lines {
+            serde_json::to_writer(&mut out, line).map_err(|e| Error::Io(e.into()))?;
             out.write_all(b"\n")?;
-            n += 1;
         }
-        Ok(n)
+        Ok(head.entries)
     }
 }
 
 #[derive(Serialize)]
-struct ExportLine<'a> {
+struct ExportLine {
     seq: u64,
     time: u64,
     event: AuditEvent,
     #[serde(skip_serializing_if = "Option::is_none")]
     subject: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    purpose: Option<&'a str>,
+    purpose: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     outcome: Option<AuditOutcome>,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -59,9 +59,9 @@ impl AttemptPolicy {
 pub enum Durability {
     /// Every call flushes before it returns (one `fdatasync` per verify).
     Immediate,
-    /// sled's background flusher writes them at least every `interval`: a
-    /// crash loses at most that much of verify audit entries and of counter
-    /// resets. The default, with 200 ms.
+    /// bioseal's flusher thread writes them to sled and flushes at least
+    /// every `interval`: a crash loses at most that much of verify audit
+    /// entries and of counter resets. The default, with 200 ms.
     GroupCommit {
         /// Longest time between flushes.
         interval: Duration,

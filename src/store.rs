@@ -102,6 +102,8 @@ pub struct Store {
     max_inactivity: Duration,
     attempts: AttemptPolicy,
     durability: Durability,
+    /// The group-commit thread and the channel that stops it.
+    flusher: Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
     /// One lock per bucket. Every operation on a subject holds its bucket's
     /// lock from the first read to the last write: a verify's lockout check,
     /// comparison and counter update are one step, and no rotation of the
@@ -172,11 +174,9 @@ impl Store {
                 configured: format!("{model_id}/{dim}"),
             });
         }
-        let flush_every_ms = match config.durability {
-            Durability::Immediate => None,
-            Durability::GroupCommit { interval } => Some(interval.as_millis().max(1) as u64),
-        };
-        let db = Db::open(&dbpath, flush_every_ms)?;
+        // bioseal's own flusher (below) replaces sled's, so that queued audit
+        // entries and sled's log are flushed together.
+        let db = Db::open(&dbpath)?;
         match db.store_id()? {
             Some(id) if id == h.store_id => {}
             Some(_) => return Err(Error::StoreMismatch),
@@ -184,8 +184,31 @@ impl Store {
             None => db.set_store_id(&h.store_id)?,
         }
         let audit = AuditLog::open(db.audit.clone(), keyring.audit_key())?;
+        let flusher = match config.durability {
+            Durability::Immediate => None,
+            Durability::GroupCommit { interval } => {
+                let (tx, rx) = std::sync::mpsc::channel::<()>();
+                let (drainer, sled_db) = (audit.inner(), db.db.clone());
+                let handle = std::thread::Builder::new()
+                    .name("bioseal-flusher".into())
+                    .spawn(move || loop {
+                        let stop = !matches!(
+                            rx.recv_timeout(interval),
+                            Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                        );
+                        // Errors surface at the next explicit flush.
+                        let _ = drainer.drain();
+                        let _ = sled_db.flush();
+                        if stop {
+                            break;
+                        }
+                    })?;
+                Some((tx, handle))
+            }
+        };
         let buckets = h.buckets;
         let store = Store {
+            flusher,
             dir,
             db,
             keyring,
@@ -308,7 +331,7 @@ impl Store {
                 .outcome(outcome),
         )?;
         if must_flush || self.durability == Durability::Immediate {
-            self.db.db.flush()?;
+            self.flush()?;
         }
         result
     }
@@ -470,7 +493,7 @@ impl Store {
                 .count(expired as u64)
                 .outcome(AuditOutcome::Ok),
         )?;
-        self.db.db.flush()?;
+        self.flush()?;
         Ok(SweepReport {
             examined,
             expired,
@@ -497,7 +520,7 @@ impl Store {
                     .count(n as u64)
                     .outcome(AuditOutcome::Ok),
             )?;
-            self.db.db.flush()?;
+            self.flush()?;
         }
         Ok(n)
     }
@@ -652,7 +675,7 @@ impl Store {
                 .subject(p)
                 .outcome(reason),
         )?;
-        self.db.db.flush()?;
+        self.flush()?;
         Ok(())
     }
 
@@ -679,7 +702,7 @@ impl Store {
             revoked_at,
             AuditEntry::new(event).subject(p).outcome(outcome),
         )?;
-        self.db.db.flush()?;
+        self.flush()?;
         Ok(ShredReceipt { revoked_at, status })
     }
 
@@ -698,10 +721,18 @@ impl Store {
                 }
                 batch.insert(storage::pending_key(b).as_slice(), &[][..]);
                 self.db.records.apply_batch(batch)?;
-                self.db.db.flush()?;
+                self.flush()?;
                 Ok(false)
             }
         }
+    }
+
+    /// Make everything written so far durable: queued audit entries into
+    /// sled, then sled's log to disk.
+    fn flush(&self) -> Result<()> {
+        self.audit.inner().drain()?;
+        self.db.db.flush()?;
+        Ok(())
     }
 
     fn log(&self, now: Timestamp, e: AuditEntry) -> Result<()> {
@@ -808,7 +839,7 @@ impl Store {
         self.put_subject(&mut batch, p, b, l, reseal)?;
         self.db.records.apply_batch(batch)?;
         self.log(now, entry.subject(p).outcome(AuditOutcome::Ok))?;
-        self.db.db.flush()?;
+        self.flush()?;
         Ok(())
     }
 
@@ -918,7 +949,7 @@ impl Store {
                 .rotation(b, new_gen)
                 .outcome(AuditOutcome::Ok),
         )?;
-        self.db.db.flush()?;
+        self.flush()?;
         failpoint::hit("rotation:batch-flushed");
         self.keyring.finish_rotation(b)
     }
@@ -935,7 +966,7 @@ impl Store {
                 .rotation(b, newest)
                 .outcome(AuditOutcome::Ok),
         )?;
-        self.db.db.flush()?;
+        self.flush()?;
         self.keyring.finish_rotation(b)
     }
 
@@ -989,8 +1020,13 @@ impl Store {
 
 impl Drop for Store {
     fn drop(&mut self) {
-        // Best effort: whatever group commit has not written yet.
-        let _ = self.db.db.flush();
+        // Stop the flusher (it drains and flushes once more), then flush
+        // whatever is left: best effort, there is no one to report to.
+        if let Some((tx, handle)) = self.flusher.take() {
+            drop(tx);
+            let _ = handle.join();
+        }
+        let _ = self.flush();
     }
 }
 

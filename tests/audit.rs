@@ -123,15 +123,63 @@ fn chain_verifies_after_a_long_mixed_run_and_records_every_kind() {
         .all(|e| e.bucket.is_some() && e.generation.is_some()));
 }
 
-/// Apply `edit` to the audit tree of a fresh copy of `pristine`, then check
-/// that the chain is reported broken at `want`.
-fn expect_broken_at(pristine: &Path, want: u64, edit: impl FnOnce(&sled::Tree)) {
+/// The stored audit log as raw entries (`sealed || mac`), grouped by
+/// segment (key = first sequence number), in the format `src/audit.rs`
+/// documents: each entry `len (u32 BE) || sealed || mac`.
+type Segments = Vec<(u64, Vec<Vec<u8>>)>;
+
+fn load(t: &sled::Tree) -> Segments {
+    t.iter()
+        .map(|kv| {
+            let (k, v) = kv.expect("kv");
+            let first = u64::from_be_bytes(k.as_ref().try_into().expect("8-byte key"));
+            let mut entries = Vec::new();
+            let mut rest = &v[..];
+            while !rest.is_empty() {
+                let len = u32::from_be_bytes(rest[..4].try_into().expect("len")) as usize;
+                entries.push(rest[4..4 + len].to_vec());
+                rest = &rest[4 + len..];
+            }
+            (first, entries)
+        })
+        .collect()
+}
+
+fn store(t: &sled::Tree, segments: &Segments) {
+    t.clear().expect("clear");
+    for (first, entries) in segments {
+        let mut v = Vec::new();
+        for e in entries {
+            v.extend_from_slice(&(e.len() as u32).to_be_bytes());
+            v.extend_from_slice(e);
+        }
+        t.insert(first.to_be_bytes(), v).expect("insert");
+    }
+}
+
+/// (segment, index within it) of entry `k`, counting entries in order.
+fn locate(segments: &Segments, k: u64) -> (usize, usize) {
+    let mut n = 0u64;
+    for (si, (_, entries)) in segments.iter().enumerate() {
+        if k < n + entries.len() as u64 {
+            return (si, (k - n) as usize);
+        }
+        n += entries.len() as u64;
+    }
+    panic!("no entry {k}");
+}
+
+/// Apply `edit` to the raw entries of the audit tree of a fresh copy of
+/// `pristine`, then check that the chain is reported broken at `want`.
+fn expect_broken_at(pristine: &Path, want: u64, edit: impl FnOnce(&mut Segments)) {
     let f = Fixture::new(8);
     std::fs::remove_dir_all(f.data.path()).expect("rm");
     copy_dir(pristine, f.data.path());
     {
         let (db, t) = raw_audit(f.data.path());
-        edit(&t);
+        let mut segments = load(&t);
+        edit(&mut segments);
+        store(&t, &segments);
         db.flush().expect("flush");
     }
     let store = Store::open(f.config_at(f.data.path())).expect("open");
@@ -141,51 +189,54 @@ fn expect_broken_at(pristine: &Path, want: u64, edit: impl FnOnce(&sled::Tree)) 
     }
 }
 
-fn key(i: u64) -> [u8; 8] {
-    i.to_be_bytes()
+fn entry(segments: &mut Segments, k: u64) -> &mut Vec<u8> {
+    let (si, ei) = locate(segments, k);
+    &mut segments[si].1[ei]
 }
 
 #[test]
 fn any_single_edit_drop_reorder_or_insert_is_found_at_its_sequence_number() {
     let (f, _) = mixed_run();
     let n = f.open().audit().verify_chain().expect("chain").entries;
+    {
+        let (_db, t) = raw_audit(f.data.path());
+        let segments = load(&t);
+        assert!(segments.len() > 1, "the log spans several segments");
+        assert_eq!(segments.iter().map(|(_, e)| e.len() as u64).sum::<u64>(), n);
+    }
     // The same fixture key opens every copy.
     let pristine = f.data.path();
     for k in [0, 1, n / 2, n - 2] {
-        // Edit one byte of entry k (in its sealed body and in its MAC).
+        // Edit one byte of entry k (its nonce, its ciphertext, its MAC).
         for at in [0usize, 20, usize::MAX] {
-            expect_broken_at(pristine, k, |t| {
-                let mut v = t.get(key(k)).expect("get").expect("entry").to_vec();
-                let i = if at == usize::MAX { v.len() - 1 } else { at };
-                v[i] ^= 0x10;
-                t.insert(key(k), v).expect("insert");
+            expect_broken_at(pristine, k, |segs| {
+                let e = entry(segs, k);
+                let i = if at == usize::MAX { e.len() - 1 } else { at };
+                e[i] ^= 0x10;
             });
         }
         // Drop entry k.
-        expect_broken_at(pristine, k, |t| {
-            t.remove(key(k)).expect("remove");
+        expect_broken_at(pristine, k, |segs| {
+            let (si, ei) = locate(segs, k);
+            segs[si].1.remove(ei);
         });
         // Swap entries k and k+1.
-        expect_broken_at(pristine, k, |t| {
-            let a = t.get(key(k)).expect("get").expect("a");
-            let b = t.get(key(k + 1)).expect("get").expect("b");
-            t.insert(key(k), b).expect("insert");
-            t.insert(key(k + 1), a).expect("insert");
+        expect_broken_at(pristine, k, |segs| {
+            let a = entry(segs, k).clone();
+            let b = std::mem::replace(entry(segs, k + 1), a);
+            *entry(segs, k) = b;
         });
         // Insert a (replayed) entry at k, shifting the rest up by one.
-        expect_broken_at(pristine, k, |t| {
-            for j in (k..n).rev() {
-                let v = t.get(key(j)).expect("get").expect("v");
-                t.insert(key(j + 1), v).expect("insert");
-            }
-            let replay = t.get(key((k + 5) % n)).expect("get").expect("v");
-            t.insert(key(k), replay).expect("insert");
+        expect_broken_at(pristine, k, |segs| {
+            let replay = entry(segs, (k + 5) % n).clone();
+            let (si, ei) = locate(segs, k);
+            segs[si].1.insert(ei, replay);
         });
     }
     // An entry appended by someone without the key.
-    expect_broken_at(pristine, n, |t| {
-        let v = t.get(key(n - 1)).expect("get").expect("v");
-        t.insert(key(n), v).expect("insert");
+    expect_broken_at(pristine, n, |segs| {
+        let last = entry(segs, n - 1).clone();
+        segs.last_mut().expect("segment").1.push(last);
     });
 }
 
@@ -195,9 +246,15 @@ fn truncation_is_found_against_an_anchored_head() {
     let anchor = f.open().audit().verify_chain().expect("chain");
     {
         let (db, t) = raw_audit(f.data.path());
-        for j in anchor.entries - 3..anchor.entries {
-            t.remove(key(j)).expect("remove");
+        let mut segs = load(&t);
+        for _ in 0..3 {
+            let last = segs.last_mut().expect("segment");
+            last.1.pop();
+            if last.1.is_empty() {
+                segs.pop();
+            }
         }
+        store(&t, &segs);
         db.flush().expect("flush");
     }
     let store = f.open();
@@ -262,7 +319,10 @@ fn a_broken_chain_is_not_exported() {
     let (f, _) = mixed_run();
     {
         let (db, t) = raw_audit(f.data.path());
-        t.remove(key(3)).expect("remove");
+        let mut segs = load(&t);
+        let (si, ei) = locate(&segs, 3);
+        segs[si].1.remove(ei);
+        store(&t, &segs);
         db.flush().expect("flush");
     }
     let mut out = Vec::new();

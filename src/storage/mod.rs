@@ -133,12 +133,10 @@ pub(crate) struct Db {
 const STORE_ID_KEY: &[u8] = b"store-id";
 
 impl Db {
-    /// Open sled at `path`; `flush_every_ms` is its group-commit interval.
-    pub(crate) fn open(path: &Path, flush_every_ms: Option<u64>) -> Result<Db> {
-        let db = sled::Config::new()
-            .path(path)
-            .flush_every_ms(flush_every_ms)
-            .open()?;
+    /// Open sled at `path`, without sled's own background flusher: the
+    /// store flushes (see `Durability`).
+    pub(crate) fn open(path: &Path) -> Result<Db> {
+        let db = sled::Config::new().path(path).flush_every_ms(None).open()?;
         let records = db.open_tree("records")?;
         let meta = db.open_tree("meta")?;
         let audit = db.open_tree("audit")?;
