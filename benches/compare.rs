@@ -8,40 +8,20 @@
 //! `cargo bench --bench compare`. Ratios: peer time / bioseal time. The 1M
 //! subject runs are issue 5's remaining work.
 
+#[path = "common/mod.rs"]
+mod common;
+use common::{consent, unit, DIM};
+
 #[path = "peer/mod.rs"]
 mod peer;
 
-use bioseal::{Consent, Embedding, Purpose, RootKey, Store, StoreConfig, Threshold, Timestamp};
+use bioseal::{Embedding, Purpose, RootKey, Store, StoreConfig, Threshold};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-const DIM: usize = 512;
 const N: usize = 10_000;
 const THRESHOLD: f32 = 0.5;
-
-fn unit(seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let v: Vec<f32> = (0..DIM)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect();
-    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-    v.into_iter().map(|x| x / n).collect()
-}
-
-fn consent() -> Consent {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    Consent::new([Purpose::IDENTITY_VERIFICATION])
-        .expires_at(Timestamp::from_unix_secs(now + 365 * 86_400))
-        .evidence([1; 32])
-}
 
 struct Setup {
     _dirs: (tempfile::TempDir, tempfile::TempDir),

@@ -7,37 +7,15 @@
 //!
 //! `cargo bench --bench store`. The peer comparison (SQLCipher) is issue 5.
 
-use bioseal::{
-    Consent, Durability, Embedding, Purpose, RootKey, Store, StoreConfig, Threshold, Timestamp,
-};
+#[path = "common/mod.rs"]
+mod common;
+use common::{consent, unit, DIM};
+
+use bioseal::{Durability, Embedding, Purpose, RootKey, Store, StoreConfig, Threshold};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-const DIM: usize = 512;
 const N: usize = 10_000;
-
-fn unit(seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let v: Vec<f32> = (0..DIM)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect();
-    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-    v.into_iter().map(|x| x / n).collect()
-}
-
-fn consent() -> Consent {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    Consent::new([Purpose::IDENTITY_VERIFICATION])
-        .expires_at(Timestamp::from_unix_secs(now + 365 * 86_400))
-        .evidence([1; 32])
-}
 
 fn open(dir: &std::path::Path, durability: Durability) -> Store {
     Store::open(

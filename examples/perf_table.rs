@@ -6,39 +6,17 @@
 //! `BIOSEAL_PERF_SUBJECTS` sets the population (default 10,000) and
 //! `BIOSEAL_PERF_OPS` the operations timed per row (default 2,000).
 
+#[path = "../benches/common/mod.rs"]
+mod common;
+use common::{consent, unit, DIM};
+
 #[path = "../benches/peer/mod.rs"]
 mod peer;
 
-use bioseal::{
-    Consent, Embedding, Error, Purpose, RootKey, Store, StoreConfig, Threshold, Timestamp,
-};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use bioseal::{Embedding, Error, Purpose, RootKey, Store, StoreConfig, Threshold};
+use std::time::{Duration, Instant};
 
-const DIM: usize = 512;
 const THRESHOLD: f32 = 0.5;
-
-fn unit(seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let v: Vec<f32> = (0..DIM)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect();
-    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-    v.into_iter().map(|x| x / n).collect()
-}
-
-fn consent() -> Consent {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    Consent::new([Purpose::IDENTITY_VERIFICATION])
-        .expires_at(Timestamp::from_unix_secs(now + 365 * 86_400))
-        .evidence([1; 32])
-}
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
