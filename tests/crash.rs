@@ -50,11 +50,12 @@ fn crash_worker() {
         store
             .enroll(&format!("s{i}"), emb(&vector(i)), consent(now, 365))
             .expect("enroll");
-        writeln!(j, "E {i}").expect("journal");
+        j.write_all(format!("E {i}\n").as_bytes()).expect("journal");
         j.sync_data().expect("sync");
         if i % 3 == 2 {
             store.revoke(&format!("s{}", i - 2)).expect("revoke");
-            writeln!(j, "R {}", i - 2).expect("journal");
+            j.write_all(format!("R {}\n", i - 2).as_bytes())
+                .expect("journal");
             j.sync_data().expect("sync");
         }
     }
@@ -127,15 +128,19 @@ fn round(kill: Kill) -> usize {
     let text = std::fs::read_to_string(&journal).unwrap_or_default();
     let mut enrolled = std::collections::BTreeSet::new();
     let mut revoked = std::collections::BTreeSet::new();
-    for line in text.lines() {
-        match line.split_once(' ') {
-            Some(("E", n)) => {
-                enrolled.insert(n.parse::<u64>().expect("n"));
+    // Only complete lines count: the kill can land inside a write.
+    for line in text
+        .split_inclusive('\n')
+        .filter_map(|l| l.strip_suffix('\n'))
+    {
+        match line.split_once(' ').map(|(op, n)| (op, n.parse::<u64>())) {
+            Some(("E", Ok(n))) => {
+                enrolled.insert(n);
             }
-            Some(("R", n)) => {
-                revoked.insert(n.parse::<u64>().expect("n"));
+            Some(("R", Ok(n))) => {
+                revoked.insert(n);
             }
-            _ => {}
+            _ => panic!("malformed complete journal line {line:?}"),
         }
     }
 
