@@ -69,7 +69,7 @@ fn mixed_run() -> (Fixture, Vec<Vec<f32>>) {
 }
 
 fn raw_audit(dir: &Path) -> (sled::Db, sled::Tree) {
-    let db = sled::open(dir.join("db")).expect("raw sled");
+    let db = open_raw_sled(&dir.join("db"));
     let t = db.open_tree("audit").expect("tree");
     (db, t)
 }

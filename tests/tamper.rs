@@ -22,7 +22,7 @@ fn populated(n: usize) -> (Fixture, Vec<Vec<f32>>) {
 }
 
 fn raw_db(f: &Fixture) -> (sled::Db, sled::Tree) {
-    let db = sled::open(f.data.path().join("db")).expect("raw sled");
+    let db = open_raw_sled(&f.data.path().join("db"));
     let t = db.open_tree("records").expect("tree");
     (db, t)
 }

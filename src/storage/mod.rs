@@ -122,6 +122,26 @@ pub(crate) fn parse_pending_key(k: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes(b))
 }
 
+/// Open sled at `path` without its background flusher. sled releases its
+/// file lock only when its I/O threads drop their last reference, a moment
+/// after the previous handle is dropped; so a lock conflict is retried for up
+/// to a second before it is reported (a store really open elsewhere still
+/// fails, just a second later).
+fn open_sled(path: &Path) -> Result<sled::Db> {
+    let mut tries = 0;
+    loop {
+        match sled::Config::new().path(path).flush_every_ms(None).open() {
+            Err(sled::Error::Io(e))
+                if tries < 50 && e.to_string().contains("could not acquire lock") =>
+            {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return Ok(r?),
+        }
+    }
+}
+
 /// The sled database of a store.
 pub(crate) struct Db {
     pub(crate) db: sled::Db,
@@ -136,7 +156,7 @@ impl Db {
     /// Open sled at `path`, without sled's own background flusher: the
     /// store flushes (see `Durability`).
     pub(crate) fn open(path: &Path) -> Result<Db> {
-        let db = sled::Config::new().path(path).flush_every_ms(None).open()?;
+        let db = open_sled(path)?;
         let records = db.open_tree("records")?;
         let meta = db.open_tree("meta")?;
         let audit = db.open_tree("audit")?;

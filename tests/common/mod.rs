@@ -138,3 +138,18 @@ pub fn read_all_files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
 }
+
+/// `sled::open` for tests that edit a closed store's files directly; retries
+/// while the just-dropped store's I/O threads still hold the file lock.
+pub fn open_raw_sled(path: &Path) -> sled::Db {
+    for _ in 0..50 {
+        match sled::open(path) {
+            Ok(db) => return db,
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("raw sled: {e}"),
+        }
+    }
+    panic!("raw sled: lock still held after a second")
+}
