@@ -348,7 +348,7 @@ impl Store {
         if !self.db.records.contains_key(key)? {
             return Err(Error::NotEnrolled);
         }
-        self.revoke_locked(b, &p, AuditEvent::Revoke, &guard)
+        self.revoke_locked(b, &p, &guard)
     }
 
     /// Replace `subject`'s consent (new purposes, expiry, evidence). Counts
@@ -389,9 +389,7 @@ impl Store {
         if l.payload.consent.purposes().next().is_none() {
             drop(l);
             self.log(now, entry.subject(&p).outcome(AuditOutcome::Ok))?;
-            return self
-                .revoke_locked(b, &p, AuditEvent::Revoke, &guard)
-                .map(Withdrawal::Revoked);
+            return self.revoke_locked(b, &p, &guard).map(Withdrawal::Revoked);
         }
         let remaining = l.payload.consent.purposes().cloned().collect();
         self.commit_subject(&p, b, &l, true, now, entry)?;
@@ -679,11 +677,11 @@ impl Store {
         Ok(())
     }
 
+    /// Destroy a subject, then log and flush its revocation.
     fn revoke_locked(
         &self,
         b: u32,
         p: &Pseudonym,
-        event: AuditEvent,
         guard: &BucketGuard<'_>,
     ) -> Result<ShredReceipt> {
         let revoked_at = self.clock.now();
@@ -700,14 +698,18 @@ impl Store {
         };
         self.log(
             revoked_at,
-            AuditEntry::new(event).subject(p).outcome(outcome),
+            AuditEntry::new(AuditEvent::Revoke)
+                .subject(p)
+                .outcome(outcome),
         )?;
         self.flush()?;
         Ok(ShredReceipt { revoked_at, status })
     }
 
-    /// Remove subjects of bucket `b` durably, shredding them as the policy
-    /// says. Returns whether the bucket's KEK was rotated.
+    /// Remove subjects of bucket `b`, shredding them as the policy says.
+    /// Returns whether the bucket's KEK was rotated. A rotation is durable
+    /// when this returns; a deferred removal is made durable by the caller's
+    /// flush, which also covers the audit entry it appends.
     fn destroy(&self, b: u32, ps: &[Pseudonym], guard: &BucketGuard<'_>) -> Result<bool> {
         match self.shred_policy {
             ShredPolicy::Immediate => {
@@ -721,7 +723,6 @@ impl Store {
                 }
                 batch.insert(storage::pending_key(b).as_slice(), &[][..]);
                 self.db.records.apply_batch(batch)?;
-                self.flush()?;
                 Ok(false)
             }
         }

@@ -271,7 +271,6 @@ impl Keyring {
         &self.pseudonym
     }
 
-    #[allow(dead_code)] // used by the audit log (issue 3)
     pub(crate) fn audit_key(&self) -> &[u8; 32] {
         &self.audit_key
     }
