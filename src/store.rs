@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::matcher::{self, Decision};
 use crate::storage::record::{dek_aad, payload_aad, state_aad, WRAPPED_DEK_LEN};
-use crate::storage::{self, day_of, Db, SubjectPayload, SubjectRecord, SubjectState};
+use crate::storage::{self, day_of, Db, SubjectPayload, SubjectRecord, SubjectState, Writes};
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -235,6 +235,35 @@ impl Store {
     /// templates. Enrolling resets the failed-attempt counter. Durable when
     /// it returns.
     pub fn enroll(&self, subject: &str, embedding: Embedding, consent: Consent) -> Result<()> {
+        self.enroll_staged(subject, embedding, consent)?;
+        self.flush()
+    }
+
+    /// Enroll many subjects with one sync for the lot: each item is enrolled
+    /// as [`Store::enroll`] would, and every item reported `Ok` is durable
+    /// when this returns. One item's error (a bad embedding, a consent
+    /// without evidence, too many templates) does not stop the others; the
+    /// outer error is a storage failure, after which nothing in this call is
+    /// known to be durable.
+    pub fn enroll_many<S, I>(&self, items: I) -> Result<Vec<Result<()>>>
+    where
+        S: AsRef<str>,
+        I: IntoIterator<Item = (S, Embedding, Consent)>,
+    {
+        let mut out = Vec::new();
+        for (subject, embedding, consent) in items {
+            let r = self.enroll_staged(subject.as_ref(), embedding, consent);
+            if let Err(e @ (Error::Storage(_) | Error::Io(_))) = r {
+                return Err(e);
+            }
+            out.push(r);
+        }
+        self.flush()?;
+        Ok(out)
+    }
+
+    /// Everything [`Store::enroll`] does except the final sync.
+    fn enroll_staged(&self, subject: &str, embedding: Embedding, consent: Consent) -> Result<()> {
         check_subject(subject)?;
         let template = embedding.quantize(self.dim)?;
         let now = self.clock.now();
@@ -290,7 +319,7 @@ impl Store {
             payload,
             state,
         };
-        self.commit_subject(&p, b, &l, true, now, AuditEntry::new(AuditEvent::Enroll))
+        self.stage_subject(&p, b, &l, true, now, AuditEntry::new(AuditEvent::Enroll))
     }
 
     /// Is `probe` the enrolled person? Returns [`Decision`] and nothing else.
@@ -433,7 +462,7 @@ impl Store {
     pub fn sweep(&self) -> Result<SweepReport> {
         let started = Instant::now();
         let now = self.clock.now();
-        let mut due: BTreeMap<u32, Vec<Pseudonym>> = BTreeMap::new();
+        let mut due: BTreeMap<u32, Vec<(Pseudonym, u32)>> = BTreeMap::new();
         let mut examined = 0;
         for kv in self
             .db
@@ -441,24 +470,31 @@ impl Store {
             .range(&[b'D'][..]..&storage::deadline_scan_end(day_of(now.unix_secs()))[..])
         {
             let (k, _) = kv?;
-            let (_, b, p) =
+            let (day, b, p) =
                 storage::parse_deadline_key(&k).ok_or(Error::tampered("retention index"))?;
-            due.entry(b).or_default().push(p);
+            due.entry(b).or_default().push((p, day));
             examined += 1;
         }
         let (mut expired, mut rotated) = (0, 0);
         for (b, candidates) in due {
             let guard = self.lock(b);
             let mut doomed = Vec::new();
-            for p in candidates {
+            for (p, day) in candidates {
                 let key = storage::subject_key(b, &p);
                 let reason = match self.load_subject(&p, b, &key) {
-                    Ok(Some(l)) => self.overdue(&l, now),
+                    Ok(Some(l)) => {
+                        let reason = self.overdue(&l, now);
+                        if reason.is_none() {
+                            self.drop_stale_index_entry(b, &p, day)?;
+                        }
+                        reason
+                    }
                     Ok(None) => {
                         // A stale index entry: nothing to destroy.
-                        let mut batch = sled::Batch::default();
-                        self.remove_index(&mut batch, b, &p)?;
-                        self.db.records.apply_batch(batch)?;
+                        let mut w = Writes::default();
+                        self.remove_index(&mut w, b, &p)?;
+                        w.remove(&storage::deadline_key(day, b, &p)[..]);
+                        w.apply(&self.db.records)?;
                         None
                     }
                     // Listed as due and unreadable: nothing can be lost by removing it.
@@ -596,9 +632,9 @@ impl Store {
             }
         }
         if next != st {
-            let mut batch = sled::Batch::default();
-            self.put_subject(&mut batch, p, b, &Loaded { state: next, ..l }, false)?;
-            self.db.records.apply_batch(batch)?;
+            let mut w = Writes::default();
+            self.put_subject(&mut w, p, b, &Loaded { state: next, ..l }, false)?;
+            w.apply(&self.db.records)?;
         }
         // A failure must survive a crash: otherwise crashing the service
         // would reset the counter.
@@ -717,12 +753,14 @@ impl Store {
                 Ok(true)
             }
             ShredPolicy::Deferred => {
-                let mut batch = sled::Batch::default();
+                // The marker first: a crash part-way through the removals
+                // must not leave a removed subject without a pending shred.
+                let mut w = Writes::default();
+                w.insert(storage::pending_key(b).as_slice(), &[][..]);
                 for p in ps {
-                    self.remove_subject(&mut batch, b, p)?;
+                    self.remove_subject(&mut w, b, p)?;
                 }
-                batch.insert(storage::pending_key(b).as_slice(), &[][..]);
-                self.db.records.apply_batch(batch)?;
+                w.apply(&self.db.records)?;
                 Ok(false)
             }
         }
@@ -799,9 +837,16 @@ impl Store {
 
     /// Queue the writes of a subject: its record (re-sealing the payload
     /// when `reseal`), its sealed state, and its retention-index entry.
+    ///
+    /// Order (every prefix is a state the store handles): the new index
+    /// entry first, so that the index never lists a subject later than its
+    /// deadline; the state before the record, so that a new subject's record
+    /// never exists without its state; then the index pointer, and last the
+    /// removal of the old index entry. A crash can leave an index entry that
+    /// no pointer names; [`Store::sweep`] removes it when it visits it.
     fn put_subject(
         &self,
-        batch: &mut sled::Batch,
+        w: &mut Writes,
         p: &Pseudonym,
         b: u32,
         l: &Loaded,
@@ -809,24 +854,35 @@ impl Store {
     ) -> Result<()> {
         let store_id = self.keyring.header().store_id;
         let key = AeadKey::new(&l.dek);
+        let day = day_of(self.deadline(&l.payload.consent, &l.state).unix_secs());
+        let ptr = storage::deadline_ptr_key(b, p);
+        let old = self.db.records.get(ptr)?.as_deref().and_then(be_u32);
+        if old != Some(day) {
+            w.insert(&storage::deadline_key(day, b, p)[..], &[][..]);
+        }
+        w.insert(
+            &storage::state_key(b, p)[..],
+            key.seal(&state_aad(&store_id, p), &l.state.encode()?)?,
+        );
         if reseal {
             let rec = SubjectRecord {
                 generation: l.rec.generation,
                 wrapped_dek: l.rec.wrapped_dek,
                 payload: key.seal(&payload_aad(&store_id, p), &l.payload.encode()?)?,
             };
-            batch.insert(&storage::subject_key(b, p)[..], rec.encode());
+            w.insert(&storage::subject_key(b, p)[..], rec.encode());
         }
-        batch.insert(
-            &storage::state_key(b, p)[..],
-            key.seal(&state_aad(&store_id, p), &l.state.encode()?)?,
-        );
-        let day = day_of(self.deadline(&l.payload.consent, &l.state).unix_secs());
-        self.move_index(batch, b, p, day)
+        if old != Some(day) {
+            w.insert(&ptr[..], &day.to_be_bytes()[..]);
+            if let Some(old) = old {
+                w.remove(&storage::deadline_key(old, b, p)[..]);
+            }
+        }
+        Ok(())
     }
 
-    /// Write a subject durably with its audit entry: one atomic batch, the
-    /// entry, one flush.
+    /// Write a subject durably with its audit entry: its writes, the entry,
+    /// one flush.
     fn commit_subject(
         &self,
         p: &Pseudonym,
@@ -836,44 +892,57 @@ impl Store {
         now: Timestamp,
         entry: AuditEntry,
     ) -> Result<()> {
-        let mut batch = sled::Batch::default();
-        self.put_subject(&mut batch, p, b, l, reseal)?;
-        self.db.records.apply_batch(batch)?;
-        self.log(now, entry.subject(p).outcome(AuditOutcome::Ok))?;
-        self.flush()?;
-        Ok(())
+        self.stage_subject(p, b, l, reseal, now, entry)?;
+        self.flush()
     }
 
-    /// Point the subject's retention-index entry at `day` (the day of its
-    /// deadline, rounded down so that a sweep never visits it late).
-    fn move_index(&self, batch: &mut sled::Batch, b: u32, p: &Pseudonym, day: u32) -> Result<()> {
-        let ptr = storage::deadline_ptr_key(b, p);
-        if let Some(old) = self.db.records.get(ptr)?.as_deref().and_then(be_u32) {
-            if old == day {
-                return Ok(());
-            }
-            batch.remove(&storage::deadline_key(old, b, p)[..]);
+    /// [`Store::commit_subject`] without the flush.
+    fn stage_subject(
+        &self,
+        p: &Pseudonym,
+        b: u32,
+        l: &Loaded,
+        reseal: bool,
+        now: Timestamp,
+        entry: AuditEntry,
+    ) -> Result<()> {
+        let mut w = Writes::default();
+        self.put_subject(&mut w, p, b, l, reseal)?;
+        w.apply(&self.db.records)?;
+        self.log(now, entry.subject(p).outcome(AuditOutcome::Ok))
+    }
+
+    /// A live subject listed under `day` whose index pointer names another
+    /// day: the entry was left by a crash between the writes of
+    /// [`Store::put_subject`]; remove it.
+    fn drop_stale_index_entry(&self, b: u32, p: &Pseudonym, day: u32) -> Result<()> {
+        let ptr = self.db.records.get(storage::deadline_ptr_key(b, p))?;
+        if matches!(ptr.as_deref().and_then(be_u32), Some(d) if d != day) {
+            self.db
+                .records
+                .remove(&storage::deadline_key(day, b, p)[..])?;
         }
-        batch.insert(&storage::deadline_key(day, b, p)[..], &[][..]);
-        batch.insert(&ptr[..], &day.to_be_bytes()[..]);
         Ok(())
     }
 
-    /// Queue removal of the retention-index entry and its pointer.
-    fn remove_index(&self, batch: &mut sled::Batch, b: u32, p: &Pseudonym) -> Result<()> {
+    /// Queue removal of the retention-index pointer, then of the entry it
+    /// names (in that order: a pointer must never name a missing entry).
+    fn remove_index(&self, w: &mut Writes, b: u32, p: &Pseudonym) -> Result<()> {
         let ptr = storage::deadline_ptr_key(b, p);
-        if let Some(day) = self.db.records.get(ptr)?.as_deref().and_then(be_u32) {
-            batch.remove(&storage::deadline_key(day, b, p)[..]);
+        let day = self.db.records.get(ptr)?.as_deref().and_then(be_u32);
+        w.remove(&ptr[..]);
+        if let Some(day) = day {
+            w.remove(&storage::deadline_key(day, b, p)[..]);
         }
-        batch.remove(&ptr[..]);
         Ok(())
     }
 
-    /// Queue removal of everything stored for a subject.
-    fn remove_subject(&self, batch: &mut sled::Batch, b: u32, p: &Pseudonym) -> Result<()> {
-        batch.remove(&storage::subject_key(b, p)[..]);
-        batch.remove(&storage::state_key(b, p)[..]);
-        self.remove_index(batch, b, p)
+    /// Queue removal of everything stored for a subject, the record first
+    /// (once it is gone, the subject is unknown; what follows is cleanup).
+    fn remove_subject(&self, w: &mut Writes, b: u32, p: &Pseudonym) -> Result<()> {
+        w.remove(&storage::subject_key(b, p)[..]);
+        w.remove(&storage::state_key(b, p)[..]);
+        self.remove_index(w, b, p)
     }
 
     fn unwrap_dek(
@@ -926,23 +995,26 @@ impl Store {
         SubjectPayload::decode(&plain, self.dim)
     }
 
-    /// Rotate bucket `b`'s KEK, removing the subjects `remove` in the same
-    /// atomic batch that re-wraps the bucket's other DEKs. Three syncs: new
-    /// KEK slot, sled batch, old slot zeroed.
+    /// Rotate bucket `b`'s KEK, removing the subjects `remove` before the
+    /// bucket's other DEKs are re-wrapped. Three syncs: new KEK slot, sled's
+    /// log, old slot zeroed.
     fn rotate(&self, b: u32, remove: &[Pseudonym], guard: &BucketGuard<'_>) -> Result<()> {
         if self.keyring.is_rotating(b)? {
             self.complete_rotation(b, guard)?;
         }
         let new_gen = self.keyring.begin_rotation(b)?;
-        let mut batch = sled::Batch::default();
+        // Order: removals, re-wraps, then the pending marker. From here
+        // on the keyring lists the rotation as unfinished, so a crash at any
+        // point is completed on open (`recover`).
+        let mut w = Writes::default();
         let mut skip = HashSet::new();
         for p in remove {
-            self.remove_subject(&mut batch, b, p)?;
+            self.remove_subject(&mut w, b, p)?;
             skip.insert(storage::subject_key(b, p));
         }
-        batch.remove(storage::pending_key(b).as_slice());
-        self.rewrap_into(&mut batch, b, new_gen, &skip)?;
-        self.db.records.apply_batch(batch)?;
+        self.rewrap_into(&mut w, b, new_gen, &skip)?;
+        w.remove(storage::pending_key(b).as_slice());
+        w.apply(&self.db.records)?;
         failpoint::hit("rotation:batch-applied");
         self.log(
             self.clock.now(),
@@ -958,9 +1030,9 @@ impl Store {
     /// Finish a rotation whose new KEK is already in the keyring.
     fn complete_rotation(&self, b: u32, _guard: &BucketGuard<'_>) -> Result<()> {
         let newest = self.keyring.with_newest(b, |g, _| g)?;
-        let mut batch = sled::Batch::default();
-        self.rewrap_into(&mut batch, b, newest, &HashSet::new())?;
-        self.db.records.apply_batch(batch)?;
+        let mut w = Writes::default();
+        self.rewrap_into(&mut w, b, newest, &HashSet::new())?;
+        w.apply(&self.db.records)?;
         self.log(
             self.clock.now(),
             AuditEntry::new(AuditEvent::KeyRotation)
@@ -977,7 +1049,7 @@ impl Store {
     /// must not block a revocation.
     fn rewrap_into(
         &self,
-        batch: &mut sled::Batch,
+        w: &mut Writes,
         b: u32,
         new_gen: u64,
         skip: &HashSet<[u8; 37]>,
@@ -1013,7 +1085,7 @@ impl Store {
                 wrapped_dek: to_wrapped(&sealed)?,
                 payload: rec.payload,
             };
-            batch.insert(&k[..], new.encode());
+            w.insert(&k[..], new.encode());
         }
         Ok(())
     }
@@ -1165,11 +1237,11 @@ mod tests {
             let store = Store::open(config(dir.path(), ShredPolicy::Immediate)).expect("open");
             populate(&store, 6);
             let g = store.keyring.begin_rotation(0).expect("begin");
-            let mut batch = sled::Batch::default();
+            let mut w = Writes::default();
             store
-                .rewrap_into(&mut batch, 0, g, &HashSet::new())
+                .rewrap_into(&mut w, 0, g, &HashSet::new())
                 .expect("rewrap");
-            store.db.records.apply_batch(batch).expect("apply");
+            w.apply(&store.db.records).expect("apply");
             store.db.db.flush().expect("flush");
         }
         let store = Store::open(config(dir.path(), ShredPolicy::Immediate)).expect("reopen");
@@ -1202,6 +1274,45 @@ mod tests {
         let store = Store::open(config(dir.path(), ShredPolicy::Immediate)).expect("reopen");
         let s = store.stats().expect("stats");
         assert_eq!((s.pending_shreds, s.generation_max, s.subjects), (0, 2, 2));
+    }
+
+    /// A crash between the writes of `put_subject` can leave a retention
+    /// entry under a day the subject's pointer does not name. The sweep that
+    /// visits it removes it and leaves the subject alone; an entry with no
+    /// subject at all is removed too.
+    #[test]
+    fn sweep_removes_index_entries_left_by_a_crash() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = ManualClock::new(Timestamp::from_unix_secs(1_000));
+        let store = Store::open(config(dir.path(), ShredPolicy::Immediate).clock(clock.clone()))
+            .expect("open");
+        populate(&store, 2);
+        let (p, b, _) = store.locate("s0");
+        let ghost = Pseudonym([7; 32]);
+        // As a crash would leave them: a stale entry for a live subject (day 0,
+        // its pointer names the day of its deadline) and one for no subject.
+        for k in [
+            storage::deadline_key(0, b, &p),
+            storage::deadline_key(0, b, &ghost),
+        ] {
+            store.db.records.insert(k, &[][..]).expect("insert");
+        }
+        let report = store.sweep().expect("sweep");
+        assert_eq!((report.examined, report.expired), (2, 0));
+        for k in [
+            storage::deadline_key(0, b, &p),
+            storage::deadline_key(0, b, &ghost),
+        ] {
+            assert!(!store.db.records.contains_key(k).expect("read"));
+        }
+        let day = day_of(99_999);
+        assert!(store
+            .db
+            .records
+            .contains_key(storage::deadline_key(day, b, &p))
+            .expect("read"));
+        assert_eq!(store.sweep().expect("sweep").examined, 0);
+        all_match(&store, 2);
     }
 
     #[test]

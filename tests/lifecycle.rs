@@ -2,7 +2,10 @@
 //! impostor probes, purpose and expiry checks, revoke, re-enroll, reopen.
 
 mod common;
-use bioseal::{Decision, Error, Purpose, RootKey, ShredStatus, Store, StoreConfig, Threshold};
+use bioseal::{
+    AuditEvent, Consent, ConsentError, Decision, EmbeddingError, Error, Purpose, RootKey,
+    ShredStatus, Store, StoreConfig, Threshold,
+};
 use common::*;
 
 #[test]
@@ -367,4 +370,64 @@ fn reopening_right_after_drop_works_and_a_store_open_elsewhere_is_refused() {
     assert!(matches!(Store::open(f.config()), Err(Error::Storage(_))));
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
     drop(held);
+}
+
+/// Bulk enrollment: a bad item gets its own typed error and the others are
+/// enrolled; every `Ok` item is durable when the call returns (checked by
+/// reopening) and audited.
+#[test]
+fn enroll_many_reports_per_item_and_is_durable() {
+    let f = Fixture::new(8);
+    let mut rng = Rng(41);
+    let vecs: Vec<Vec<f32>> = (0..30).map(|_| rng.unit(DIM)).collect();
+    let results = {
+        let store = f.open();
+        let items = vecs.iter().enumerate().map(|(i, v)| {
+            let e = match i {
+                7 => emb(&v[..DIM - 1]),
+                11 => emb(&vec![0.0; DIM]),
+                _ => emb(v),
+            };
+            let c = if i == 13 {
+                Consent::new([IDV]).expires_at(f.now().saturating_add(DAY))
+            } else {
+                consent(f.now(), 10)
+            };
+            (format!("s{i}"), e, c)
+        });
+        store.enroll_many(items).expect("bulk enroll")
+    };
+    assert_eq!(results.len(), 30);
+    assert!(matches!(
+        results[7],
+        Err(Error::InvalidEmbedding(
+            EmbeddingError::WrongDimension { .. }
+        ))
+    ));
+    assert!(matches!(
+        results[11],
+        Err(Error::InvalidEmbedding(EmbeddingError::NearZero))
+    ));
+    assert!(matches!(
+        results[13],
+        Err(Error::InvalidConsent(ConsentError::NoEvidence))
+    ));
+    let store = f.open();
+    assert_eq!(store.stats().expect("stats").subjects, 27);
+    for (i, v) in vecs.iter().enumerate() {
+        let r = store.verify(&format!("s{i}"), &IDV, emb(v));
+        if [7, 11, 13].contains(&i) {
+            assert!(matches!(r, Err(Error::NotEnrolled)), "s{i}: {r:?}");
+        } else {
+            assert_eq!(r.expect("verify"), Decision::Match, "s{i}");
+        }
+    }
+    let enrolls = store
+        .audit()
+        .entries()
+        .expect("entries")
+        .iter()
+        .filter(|e| e.event == AuditEvent::Enroll)
+        .count();
+    assert_eq!(enrolls, 27);
 }

@@ -33,7 +33,9 @@ impl Peer {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS subjects (id TEXT PRIMARY KEY, blob BLOB NOT NULL);
+            "CREATE TABLE IF NOT EXISTS subjects (id TEXT PRIMARY KEY, blob BLOB NOT NULL,
+                 expires INTEGER NOT NULL);
+             CREATE INDEX IF NOT EXISTS subjects_expires ON subjects (expires);
              CREATE TABLE IF NOT EXISTS audit (seq INTEGER PRIMARY KEY AUTOINCREMENT,
                  time INTEGER NOT NULL, subject TEXT NOT NULL, event TEXT NOT NULL, outcome TEXT);",
         )?;
@@ -51,7 +53,8 @@ impl Peer {
             .map_or(0, |d| d.as_secs() as i64)
     }
 
-    pub fn enroll(&mut self, id: &str, embedding: &[f32]) -> rusqlite::Result<()> {
+    /// Seal an embedding for `id`: nonce | AES-256-GCM(f32 LE) | tag.
+    fn seal(&self, id: &str, embedding: &[f32]) -> rusqlite::Result<Vec<u8>> {
         let mut buf: Vec<u8> = normalise(embedding)
             .iter()
             .flat_map(|x| x.to_le_bytes())
@@ -67,16 +70,47 @@ impl Peer {
         let mut blob = nonce.to_vec();
         blob.extend_from_slice(&buf);
         blob.extend_from_slice(&tag);
+        Ok(blob)
+    }
+
+    /// Enroll one subject whose consent expires in a year, in one transaction.
+    pub fn enroll(&mut self, id: &str, embedding: &[f32]) -> rusqlite::Result<()> {
+        self.enroll_many(&[(id, embedding, Self::now() + 365 * 86_400)])
+    }
+
+    /// Enroll many subjects (id, embedding, expiry in Unix seconds) in one
+    /// transaction, with an audit row each.
+    pub fn enroll_many(&mut self, items: &[(&str, &[f32], i64)]) -> rusqlite::Result<()> {
+        let blobs = items
+            .iter()
+            .map(|(id, e, _)| self.seal(id, e))
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let tx = self.conn.transaction()?;
+        for ((id, _, expires), blob) in items.iter().zip(blobs) {
+            tx.execute(
+                "INSERT OR REPLACE INTO subjects (id, blob, expires) VALUES (?1, ?2, ?3)",
+                params![id, blob, expires],
+            )?;
+            tx.execute(
+                "INSERT INTO audit (time, subject, event, outcome) VALUES (?1, ?2, 'enroll', 'ok')",
+                params![Self::now(), id],
+            )?;
+        }
+        tx.commit()
+    }
+
+    /// Delete every subject whose consent expired by `now`, with an audit row
+    /// each, in one transaction. Returns the number deleted.
+    pub fn sweep(&mut self, now: i64) -> rusqlite::Result<usize> {
         let tx = self.conn.transaction()?;
         tx.execute(
-            "INSERT OR REPLACE INTO subjects (id, blob) VALUES (?1, ?2)",
-            params![id, blob],
+            "INSERT INTO audit (time, subject, event, outcome)
+             SELECT ?1, id, 'expire', 'ok' FROM subjects WHERE expires <= ?1",
+            params![now],
         )?;
-        tx.execute(
-            "INSERT INTO audit (time, subject, event, outcome) VALUES (?1, ?2, 'enroll', 'ok')",
-            params![Self::now(), id],
-        )?;
-        tx.commit()
+        let n = tx.execute("DELETE FROM subjects WHERE expires <= ?1", params![now])?;
+        tx.commit()?;
+        Ok(n)
     }
 
     /// Some(match?) or None for an unknown subject.
