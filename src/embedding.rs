@@ -96,10 +96,13 @@ impl Embedding {
         if !norm.is_finite() || norm < MIN_NORM {
             return Err(EmbeddingError::NearZero);
         }
+        // One division, then a multiply per component; rounding half away
+        // from zero by hand (`f64::round` is a libm call on baseline x86-64).
+        // |x| / norm <= 1, so y is within +-2^14 and the cast is exact.
+        let inv = SCALE / norm;
         let q: Vec<i16> = v
             .iter()
-            // |x| / norm <= 1, so the product is within +-2^14 and the cast is exact.
-            .map(|&x| (f64::from(x) / norm * SCALE).round() as i16)
+            .map(|&x| round_to_i16(f64::from(x) * inv))
             .collect();
         Ok(Template(Zeroizing::new(q)))
     }
@@ -112,6 +115,16 @@ impl fmt::Debug for Embedding {
             .field("values", &format_args!("[REDACTED]"))
             .finish()
     }
+}
+
+/// `y.round() as i16` for |y| <= 2^14, without the libm call: the cast
+/// truncates, and the fractional part `y - t` is exact in f64 at this
+/// magnitude (adding 0.5 instead is not: 0.49999999999999994 + 0.5 == 1.0).
+#[inline]
+fn round_to_i16(y: f64) -> i16 {
+    let t = y as i16;
+    let frac = y - f64::from(t);
+    t + i16::from(frac >= 0.5) - i16::from(frac <= -0.5)
 }
 
 /// A quantised, L2-normalised template. Crate-private: it never leaves bioseal.
@@ -138,23 +151,68 @@ impl fmt::Debug for Template {
     }
 }
 
+/// Encoded as one byte string of little-endian `i16`s: bincode decodes a
+/// sequence element by element, which was a visible share of `verify`.
 impl Serialize for Template {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        self.0.as_slice().serialize(s)
+        let mut bytes = Zeroizing::new(Vec::with_capacity(self.0.len() * 2));
+        for v in self.0.iter() {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        s.serialize_bytes(&bytes)
     }
 }
 
 impl<'de> Deserialize<'de> for Template {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        // serde pre-sizes the Vec from the encoded length, so it is not
-        // reallocated (which would leave an unwiped copy behind).
-        Vec::<i16>::deserialize(d).map(|v| Template(Zeroizing::new(v)))
+        d.deserialize_bytes(TemplateVisitor)
+    }
+}
+
+struct TemplateVisitor;
+
+impl<'de> serde::de::Visitor<'de> for TemplateVisitor {
+    type Value = Template;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a byte string of little-endian i16 values")
+    }
+
+    fn visit_bytes<E: serde::de::Error>(self, b: &[u8]) -> Result<Template, E> {
+        if b.len() % 2 != 0 {
+            return Err(E::invalid_length(b.len(), &self));
+        }
+        // Sized up front: no reallocation leaves an unwiped copy behind.
+        let mut v = Vec::with_capacity(b.len() / 2);
+        v.extend(b.chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]])));
+        Ok(Template(Zeroizing::new(v)))
+    }
+
+    fn visit_byte_buf<E: serde::de::Error>(self, b: Vec<u8>) -> Result<Template, E> {
+        let b = Zeroizing::new(b);
+        self.visit_bytes(&b)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hand_rounding_equals_f64_round() {
+        let mut s = 0x1234_5678_9abc_def1u64;
+        let mut cases: Vec<f64> = (-64..=64).map(|k| f64::from(k) * 0.5).collect();
+        cases.extend([16384.0, -16384.0, 16383.5, -16383.5, 0.49999999999999994]);
+        for _ in 0..200_000 {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            cases.push((s >> 11) as f64 / (1u64 << 53) as f64 * 32768.0 - 16384.0);
+        }
+        for y in cases {
+            assert_eq!(round_to_i16(y), y.round() as i16, "{y}");
+        }
+    }
 
     #[test]
     fn rejects_bad_input_with_typed_errors() {
