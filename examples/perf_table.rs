@@ -97,6 +97,7 @@ fn main() -> Result<(), Error> {
         p.enroll_many(&items).map_err(peer_err)?;
         t_peer += t.elapsed();
     }
+    p.checkpoint().map_err(peer_err)?;
     eprintln!(
         "populated {n} subjects: bioseal {:.1} s ({:.1} µs each), peer {:.1} s",
         t_ours.as_secs_f64(),

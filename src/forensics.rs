@@ -12,7 +12,7 @@ use crate::crypto::aead::AeadKey;
 use crate::crypto::pseudonym::Pseudonym;
 use crate::error::{Error, Result};
 use crate::storage::record::{dek_aad, payload_aad};
-use crate::storage::{self, Db, SubjectRecord};
+use crate::storage::{self, Db, DekTable, SubjectRecord};
 use std::path::Path;
 
 /// One ciphertext with the associated data it was sealed with.
@@ -41,9 +41,9 @@ pub struct RawSubjectRecord {
     pub pseudonym: [u8; 32],
     /// The bucket it falls in.
     pub bucket: u32,
-    /// The KEK generation its DEK is wrapped under.
+    /// The KEK generation its DEK is wrapped under (its bucket key table's).
     pub generation: u64,
-    /// The DEK, wrapped under the bucket KEK.
+    /// The DEK, wrapped under the bucket KEK, from the bucket's key table.
     pub wrapped_dek: SealedBox,
     /// Consent and templates, sealed under the DEK.
     pub payload: SealedBox,
@@ -62,13 +62,19 @@ pub fn subject_records(dir: impl AsRef<Path>) -> Result<Vec<RawSubjectRecord>> {
         let (bucket, p): (u32, Pseudonym) =
             storage::parse_subject_key(&k).ok_or(Error::tampered("record key"))?;
         let rec = SubjectRecord::decode(&v)?;
+        let table = db
+            .records
+            .get(storage::key_table_key(bucket))?
+            .ok_or(Error::tampered("bucket key table (missing)"))?;
+        let (generation, wrapped) = DekTable::find(&table, &p)?
+            .ok_or(Error::tampered("bucket key table (no entry for a record)"))?;
         out.push(RawSubjectRecord {
             pseudonym: p.0,
             bucket,
-            generation: rec.generation,
+            generation,
             wrapped_dek: SealedBox {
-                sealed: rec.wrapped_dek.to_vec(),
-                aad: dek_aad(&store_id, &p, bucket, rec.generation),
+                sealed: wrapped.to_vec(),
+                aad: dek_aad(&store_id, &p, bucket, generation),
             },
             payload: SealedBox {
                 sealed: rec.payload,

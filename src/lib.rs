@@ -114,6 +114,17 @@ pub mod __fuzz {
         crate::storage::SubjectRecord::decode(bytes).map(|_| ())
     }
 
+    /// Decode a bucket key table, and look `probe` up in it.
+    pub fn decode_key_table(bytes: &[u8], probe: [u8; 32]) -> Result<usize> {
+        let p = crate::crypto::pseudonym::Pseudonym(probe);
+        let found = crate::storage::DekTable::find(bytes, &p)?;
+        let t = crate::storage::DekTable::decode(bytes)?;
+        if found.is_some() != t.entries.iter().any(|(q, _)| *q == probe) {
+            return Err(crate::Error::Config("find and decode disagree".into()));
+        }
+        Ok(t.entries.len())
+    }
+
     /// Decode a subject payload for dimension `dim`.
     pub fn decode_payload(bytes: &[u8], dim: usize) -> Result<()> {
         crate::storage::SubjectPayload::decode(bytes, dim).map(|_| ())

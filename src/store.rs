@@ -14,8 +14,10 @@ use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::matcher::{self, Decision};
 use crate::storage::record::{dek_aad, payload_aad, state_aad, WRAPPED_DEK_LEN};
-use crate::storage::{self, day_of, Db, SubjectPayload, SubjectRecord, SubjectState, Writes};
-use std::collections::{BTreeMap, HashSet};
+use crate::storage::{
+    self, day_of, Db, DekTable, SubjectPayload, SubjectRecord, SubjectState, Writes,
+};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -25,6 +27,9 @@ use zeroize::Zeroizing;
 const KEYRING_FILE: &str = "keyring";
 const DB_DIR: &str = "db";
 const MAX_SUBJECT_LEN: usize = 1024;
+/// Buckets a sweep or shred rotates together (three syncs per group); their
+/// locks are held for the group's duration.
+const ROTATION_GROUP: usize = 256;
 
 /// When a revocation was carried out and whether its shred is complete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,7 +131,6 @@ struct BucketGuard<'a>(#[allow(dead_code)] MutexGuard<'a, ()>);
 
 /// A subject's record, opened.
 struct Loaded {
-    rec: SubjectRecord,
     dek: Zeroizing<[u8; 32]>,
     payload: SubjectPayload,
     state: SubjectState,
@@ -282,12 +286,10 @@ impl Store {
             last_failure: 0,
             last_interaction: now.unix_secs(),
         };
-        let (rec, dek, payload) = match existing {
+        let mut w = Writes::default();
+        let (dek, payload) = match existing {
             Some(Loaded {
-                rec,
-                dek,
-                mut payload,
-                ..
+                dek, mut payload, ..
             }) => {
                 if payload.templates.len() >= self.max_templates {
                     return Err(Error::TooManyTemplates {
@@ -296,30 +298,36 @@ impl Store {
                 }
                 payload.templates.push(template);
                 payload.consent = consent;
-                (rec, dek, payload)
+                (dek, payload)
             }
             None => {
                 let dek = random::<32>()?;
-                let (generation, wrapped_dek) = self.wrap_dek(&p, b, &dek)?;
-                let rec = SubjectRecord {
-                    generation,
-                    wrapped_dek,
-                    payload: Vec::new(),
-                };
+                // The key table first: a record must never exist without
+                // its DEK (an entry without a record is harmless).
+                w.insert(
+                    &storage::key_table_key(b)[..],
+                    self.table_with(&p, b, &dek)?,
+                );
                 let payload = SubjectPayload {
                     consent,
                     templates: vec![template],
                 };
-                (rec, dek, payload)
+                (dek, payload)
             }
         };
         let l = Loaded {
-            rec,
             dek,
             payload,
             state,
         };
-        self.stage_subject(&p, b, &l, true, now, AuditEntry::new(AuditEvent::Enroll))
+        self.put_subject(&mut w, &p, b, &l, true)?;
+        w.apply(&self.db.records)?;
+        self.log(
+            now,
+            AuditEntry::new(AuditEvent::Enroll)
+                .subject(&p)
+                .outcome(AuditOutcome::Ok),
+        )
     }
 
     /// Is `probe` the enrolled person? Returns [`Decision`] and nothing else.
@@ -476,50 +484,47 @@ impl Store {
             examined += 1;
         }
         let (mut expired, mut rotated) = (0, 0);
-        for (b, candidates) in due {
-            let guard = self.lock(b);
-            let mut doomed = Vec::new();
-            for (p, day) in candidates {
-                let key = storage::subject_key(b, &p);
-                let reason = match self.load_subject(&p, b, &key) {
-                    Ok(Some(l)) => {
-                        let reason = self.overdue(&l, now);
-                        if reason.is_none() {
-                            self.drop_stale_index_entry(b, &p, day)?;
-                        }
-                        reason
-                    }
-                    Ok(None) => {
-                        // A stale index entry: nothing to destroy.
-                        let mut w = Writes::default();
-                        self.remove_index(&mut w, b, &p)?;
-                        w.remove(&storage::deadline_key(day, b, &p)[..]);
-                        w.apply(&self.db.records)?;
-                        None
-                    }
-                    // Listed as due and unreadable: nothing can be lost by removing it.
-                    Err(_) => Some(AuditOutcome::RetentionExpired),
-                };
-                if let Some(reason) = reason {
-                    doomed.push((p, reason));
+        let due: Vec<(u32, Vec<(Pseudonym, u32)>)> = due.into_iter().collect();
+        // Buckets in groups: under immediate shredding each group is one
+        // rotation of all its buckets (three syncs). Locks are taken in
+        // ascending bucket order, so they cannot deadlock with each other
+        // or with single-bucket operations.
+        for group in due.chunks(ROTATION_GROUP) {
+            let guards: Vec<BucketGuard<'_>> = group.iter().map(|(b, _)| self.lock(*b)).collect();
+            let mut work: Vec<(u32, Vec<(Pseudonym, AuditOutcome)>)> = Vec::new();
+            for (b, candidates) in group {
+                let doomed = self.sweep_bucket(*b, candidates, now)?;
+                if !doomed.is_empty() {
+                    work.push((*b, doomed));
                 }
             }
-            if doomed.is_empty() {
-                continue;
+            let removals: Vec<(u32, Vec<Pseudonym>)> = work
+                .iter()
+                .map(|(b, d)| (*b, d.iter().map(|(p, _)| *p).collect()))
+                .collect();
+            match self.shred_policy {
+                ShredPolicy::Immediate if !removals.is_empty() => {
+                    self.rotate_many(&removals, &guards.iter().collect::<Vec<_>>())?;
+                    rotated += removals.len();
+                }
+                ShredPolicy::Immediate => {}
+                ShredPolicy::Deferred => {
+                    for (b, ps) in &removals {
+                        self.remove_deferred(*b, ps)?;
+                    }
+                }
             }
-            let ps: Vec<Pseudonym> = doomed.iter().map(|(p, _)| *p).collect();
-            if self.destroy(b, &ps, &guard)? {
-                rotated += 1;
+            for (_, doomed) in &work {
+                for (p, reason) in doomed {
+                    self.log(
+                        now,
+                        AuditEntry::new(AuditEvent::Expire)
+                            .subject(p)
+                            .outcome(*reason),
+                    )?;
+                }
+                expired += doomed.len();
             }
-            for (p, reason) in &doomed {
-                self.log(
-                    now,
-                    AuditEntry::new(AuditEvent::Expire)
-                        .subject(p)
-                        .outcome(*reason),
-                )?;
-            }
-            expired += doomed.len();
         }
         self.log(
             now,
@@ -536,15 +541,58 @@ impl Store {
         })
     }
 
+    /// Which of a bucket's due candidates are past their deadline (caller
+    /// holds the bucket's lock). Cleans up index entries a crash left.
+    fn sweep_bucket(
+        &self,
+        b: u32,
+        candidates: &[(Pseudonym, u32)],
+        now: Timestamp,
+    ) -> Result<Vec<(Pseudonym, AuditOutcome)>> {
+        let mut doomed = Vec::new();
+        for &(p, day) in candidates {
+            let key = storage::subject_key(b, &p);
+            let reason = match self.load_subject(&p, b, &key) {
+                Ok(Some(l)) => {
+                    let reason = self.overdue(&l, now);
+                    if reason.is_none() {
+                        self.drop_stale_index_entry(b, &p, day)?;
+                    }
+                    reason
+                }
+                Ok(None) => {
+                    // A stale index entry: nothing to destroy.
+                    let mut w = Writes::default();
+                    self.remove_index(&mut w, b, &p)?;
+                    w.remove(&storage::deadline_key(day, b, &p)[..]);
+                    w.apply(&self.db.records)?;
+                    None
+                }
+                // Listed as due and unreadable: nothing can be lost by removing it.
+                Err(_) => Some(AuditOutcome::RetentionExpired),
+            };
+            if let Some(reason) = reason {
+                doomed.push((p, reason));
+            }
+        }
+        Ok(doomed)
+    }
+
     /// Complete every pending shred (see [`ShredPolicy::Deferred`]). Returns
     /// the number of buckets rotated.
     pub fn shred(&self) -> Result<usize> {
         let mut n = 0;
-        for b in self.db.pending_buckets()? {
-            let guard = self.lock(b);
-            if self.db.records.contains_key(storage::pending_key(b))? {
-                self.rotate(b, &[], &guard)?;
-                n += 1;
+        for group in self.db.pending_buckets()?.chunks(ROTATION_GROUP) {
+            let guards: Vec<BucketGuard<'_>> = group.iter().map(|b| self.lock(*b)).collect();
+            let mut work = Vec::new();
+            for &b in group {
+                if self.db.records.contains_key(storage::pending_key(b))? {
+                    work.push((b, Vec::new()));
+                }
+            }
+            if !work.is_empty() {
+                self.rotate_many(&work, &guards.iter().collect::<Vec<_>>())?;
+                n += work.len();
             }
         }
         if n > 0 {
@@ -749,21 +797,28 @@ impl Store {
     fn destroy(&self, b: u32, ps: &[Pseudonym], guard: &BucketGuard<'_>) -> Result<bool> {
         match self.shred_policy {
             ShredPolicy::Immediate => {
-                self.rotate(b, ps, guard)?;
+                self.rotate_many(&[(b, ps.to_vec())], &[guard])?;
                 Ok(true)
             }
             ShredPolicy::Deferred => {
-                // The marker first: a crash part-way through the removals
-                // must not leave a removed subject without a pending shred.
-                let mut w = Writes::default();
-                w.insert(storage::pending_key(b).as_slice(), &[][..]);
-                for p in ps {
-                    self.remove_subject(&mut w, b, p)?;
-                }
-                w.apply(&self.db.records)?;
+                self.remove_deferred(b, ps)?;
                 Ok(false)
             }
         }
+    }
+
+    /// Remove subjects of bucket `b` and mark the bucket's shred pending
+    /// (caller holds the lock). Their key-table entries stay until the shred,
+    /// which drops every entry without a record.
+    fn remove_deferred(&self, b: u32, ps: &[Pseudonym]) -> Result<()> {
+        // The marker first: a crash part-way through the removals must not
+        // leave a removed subject without a pending shred.
+        let mut w = Writes::default();
+        w.insert(storage::pending_key(b).as_slice(), &[][..]);
+        for p in ps {
+            self.remove_subject(&mut w, b, p)?;
+        }
+        w.apply(&self.db.records)
     }
 
     /// Make everything written so far durable: queued audit entries into
@@ -782,8 +837,8 @@ impl Store {
     /// immediate shredding) revocations whose rotation never started.
     fn recover(&self) -> Result<()> {
         for b in self.keyring.interrupted() {
-            let guard = self.lock(b);
-            self.complete_rotation(b, &guard)?;
+            let _guard = self.lock(b);
+            self.complete_rotation(b)?;
         }
         if self.shred_policy == ShredPolicy::Immediate {
             self.shred()?;
@@ -816,19 +871,26 @@ impl Store {
         let Some(rec) = self.load(key)? else {
             return Ok(None);
         };
-        let dek = self.unwrap_dek(p, b, &rec)?;
-        let payload = self.open_payload(p, &dek, &rec)?;
+        let table = self
+            .db
+            .records
+            .get(storage::key_table_key(b))?
+            .ok_or(Error::tampered("bucket key table (missing)"))?;
+        let (generation, wrapped) = DekTable::find(&table, p)?
+            .ok_or(Error::tampered("bucket key table (no entry for a record)"))?;
+        let dek = self.unwrap_dek(p, b, generation, &wrapped)?;
+        let dek_key = AeadKey::new(&dek);
+        let payload = self.open_payload(p, &dek_key, &rec)?;
         let sealed = self
             .db
             .records
             .get(storage::state_key(b, p))?
             .ok_or(Error::tampered("subject state (missing)"))?;
-        let plain = AeadKey::new(&dek)
+        let plain = dek_key
             .open(&state_aad(&self.keyring.header().store_id, p), &sealed)
             .map_err(|_| Error::tampered("subject state"))?;
         let state = SubjectState::decode(&plain)?;
         Ok(Some(Loaded {
-            rec,
             dek,
             payload,
             state,
@@ -866,8 +928,6 @@ impl Store {
         );
         if reseal {
             let rec = SubjectRecord {
-                generation: l.rec.generation,
-                wrapped_dek: l.rec.wrapped_dek,
                 payload: key.seal(&payload_aad(&store_id, p), &l.payload.encode()?)?,
             };
             w.insert(&storage::subject_key(b, p)[..], rec.encode());
@@ -949,12 +1009,13 @@ impl Store {
         &self,
         p: &Pseudonym,
         b: u32,
-        rec: &SubjectRecord,
+        generation: u64,
+        wrapped: &[u8; WRAPPED_DEK_LEN],
     ) -> Result<Zeroizing<[u8; 32]>> {
-        let aad = dek_aad(&self.keyring.header().store_id, p, b, rec.generation);
+        let aad = dek_aad(&self.keyring.header().store_id, p, b, generation);
         match self
             .keyring
-            .with_kek(b, rec.generation, |kek| kek.open(&aad, &rec.wrapped_dek))?
+            .with_kek(b, generation, |kek| kek.open(&aad, wrapped))?
         {
             Kek::Found(Ok(dek)) if dek.len() == 32 => {
                 let mut out = Zeroizing::new([0u8; 32]);
@@ -965,7 +1026,7 @@ impl Store {
             Kek::Shredded => Err(Error::KeyUnavailable {
                 what: "the key that wrapped this record was shredded",
             }),
-            Kek::Unknown => Err(Error::tampered("subject record (key generation)")),
+            Kek::Unknown => Err(Error::tampered("bucket key table (key generation)")),
         }
     }
 
@@ -982,57 +1043,94 @@ impl Store {
         })?
     }
 
+    /// The bucket's key table with `p`'s entry set to `dek`, wrapped under
+    /// the newest KEK.
+    fn table_with(&self, p: &Pseudonym, b: u32, dek: &[u8; 32]) -> Result<Vec<u8>> {
+        let (generation, wrapped) = self.wrap_dek(p, b, dek)?;
+        let mut table = match self.db.records.get(storage::key_table_key(b))? {
+            Some(v) => DekTable::decode(&v)?,
+            None => DekTable::new(generation),
+        };
+        if table.generation != generation {
+            return Err(Error::tampered("bucket key table (generation)"));
+        }
+        table.put(p, wrapped);
+        Ok(table.encode())
+    }
+
     fn open_payload(
         &self,
         p: &Pseudonym,
-        dek: &[u8; 32],
+        dek: &AeadKey,
         rec: &SubjectRecord,
     ) -> Result<SubjectPayload> {
         let aad = payload_aad(&self.keyring.header().store_id, p);
-        let plain = AeadKey::new(dek)
+        let plain = dek
             .open(&aad, &rec.payload)
             .map_err(|_| Error::tampered("subject payload"))?;
         SubjectPayload::decode(&plain, self.dim)
     }
 
-    /// Rotate bucket `b`'s KEK, removing the subjects `remove` before the
-    /// bucket's other DEKs are re-wrapped. Three syncs: new KEK slot, sled's
-    /// log, old slot zeroed.
-    fn rotate(&self, b: u32, remove: &[Pseudonym], guard: &BucketGuard<'_>) -> Result<()> {
-        if self.keyring.is_rotating(b)? {
-            self.complete_rotation(b, guard)?;
+    /// Rotate the KEKs of distinct buckets, each locked by the caller,
+    /// removing the listed subjects of each first. Three syncs for the whole
+    /// group: the new KEK slots, sled's log, the old slots zeroed.
+    ///
+    /// Order: the keyring syncs the new slots before any sled write, so from
+    /// then on a crash is completed on open ([`Store::recover`]); then the
+    /// removals, each bucket's re-wrapped key table, and the pending markers.
+    fn rotate_many(
+        &self,
+        work: &[(u32, Vec<Pseudonym>)],
+        _guards: &[&BucketGuard<'_>],
+    ) -> Result<()> {
+        for (b, _) in work {
+            if self.keyring.is_rotating(*b)? {
+                self.complete_rotation(*b)?;
+            }
         }
-        let new_gen = self.keyring.begin_rotation(b)?;
-        // Order: removals, re-wraps, then the pending marker. From here
-        // on the keyring lists the rotation as unfinished, so a crash at any
-        // point is completed on open (`recover`).
+        let buckets: Vec<u32> = work.iter().map(|(b, _)| *b).collect();
+        let gens = self.keyring.begin_rotations(&buckets)?;
         let mut w = Writes::default();
-        let mut skip = HashSet::new();
-        for p in remove {
-            self.remove_subject(&mut w, b, p)?;
-            skip.insert(storage::subject_key(b, p));
+        let mut tables = Vec::with_capacity(work.len());
+        for ((b, remove), &gen) in work.iter().zip(&gens) {
+            // A bucket with a pending shred may hold entries of subjects a
+            // deferred revocation removed: drop every entry without a record.
+            let thorough = self.db.records.contains_key(storage::pending_key(*b))?;
+            for p in remove {
+                self.remove_subject(&mut w, *b, p)?;
+            }
+            tables.push((*b, self.rewrap_table(*b, gen, remove, thorough)?));
         }
-        self.rewrap_into(&mut w, b, new_gen, &skip)?;
-        w.remove(storage::pending_key(b).as_slice());
+        for (b, table) in tables {
+            if let Some(t) = table {
+                w.insert(&storage::key_table_key(b)[..], t);
+            }
+            w.remove(storage::pending_key(b).as_slice());
+        }
         w.apply(&self.db.records)?;
         failpoint::hit("rotation:batch-applied");
-        self.log(
-            self.clock.now(),
-            AuditEntry::new(AuditEvent::KeyRotation)
-                .rotation(b, new_gen)
-                .outcome(AuditOutcome::Ok),
-        )?;
+        let now = self.clock.now();
+        for (&b, &gen) in buckets.iter().zip(&gens) {
+            self.log(
+                now,
+                AuditEntry::new(AuditEvent::KeyRotation)
+                    .rotation(b, gen)
+                    .outcome(AuditOutcome::Ok),
+            )?;
+        }
         self.flush()?;
         failpoint::hit("rotation:batch-flushed");
-        self.keyring.finish_rotation(b)
+        self.keyring.finish_rotations(&buckets)
     }
 
-    /// Finish a rotation whose new KEK is already in the keyring.
-    fn complete_rotation(&self, b: u32, _guard: &BucketGuard<'_>) -> Result<()> {
+    /// Finish a rotation whose new KEK is already in the keyring (after a
+    /// crash): re-wrap the key table under it, dropping entries that have no
+    /// record (a removal the crash interrupted), then zero the old slot.
+    fn complete_rotation(&self, b: u32) -> Result<()> {
         let newest = self.keyring.with_newest(b, |g, _| g)?;
-        let mut w = Writes::default();
-        self.rewrap_into(&mut w, b, newest, &HashSet::new())?;
-        w.apply(&self.db.records)?;
+        if let Some(t) = self.rewrap_table(b, newest, &[], true)? {
+            self.db.records.insert(storage::key_table_key(b), t)?;
+        }
         self.log(
             self.clock.now(),
             AuditEntry::new(AuditEvent::KeyRotation)
@@ -1043,51 +1141,63 @@ impl Store {
         self.keyring.finish_rotation(b)
     }
 
-    /// Queue re-wraps of every DEK in bucket `b` not yet under `new_gen`.
-    /// A record that cannot be opened (tampered, or already under a shredded
-    /// key) is left as it is: it was unreadable before and stays so, and it
-    /// must not block a revocation.
-    fn rewrap_into(
+    /// Bucket `b`'s key table re-wrapped under `new_gen`, without the entries
+    /// of `remove` (and, if `thorough`, without entries that have no record).
+    /// `None` if the bucket has no table or it cannot be parsed: it is left
+    /// as it is. An entry that cannot be unwrapped (tampered, or under a
+    /// shredded key) is dropped: it was unreadable before and stays so, and
+    /// it must not block a revocation.
+    fn rewrap_table(
         &self,
-        w: &mut Writes,
         b: u32,
         new_gen: u64,
-        skip: &HashSet<[u8; 37]>,
-    ) -> Result<()> {
+        remove: &[Pseudonym],
+        thorough: bool,
+    ) -> Result<Option<Vec<u8>>> {
+        let Some(v) = self.db.records.get(storage::key_table_key(b))? else {
+            return Ok(None);
+        };
+        let Ok(table) = DekTable::decode(&v) else {
+            return Ok(None);
+        };
         let store_id = self.keyring.header().store_id;
-        for kv in self.db.records.scan_prefix(storage::bucket_prefix(b)) {
-            let (k, v) = kv?;
-            if k.len() != 37 || skip.iter().any(|s| s[..] == k[..]) {
-                continue;
-            }
-            let Some((_, p)) = storage::parse_subject_key(&k) else {
-                continue;
-            };
-            let Ok(rec) = SubjectRecord::decode(&v) else {
-                continue;
-            };
-            if rec.generation == new_gen {
-                continue;
-            }
-            let Ok(dek) = self.unwrap_dek(&p, b, &rec) else {
-                continue;
-            };
-            let aad = dek_aad(&store_id, &p, b, new_gen);
-            let sealed = match self
-                .keyring
-                .with_kek(b, new_gen, |kek| kek.seal(&aad, dek.as_ref()))?
+        let mut keep = Vec::with_capacity(table.entries.len());
+        for (p, wrapped) in &table.entries {
+            let p = Pseudonym(*p);
+            if remove.contains(&p)
+                || (thorough && !self.db.records.contains_key(storage::subject_key(b, &p))?)
             {
-                Kek::Found(s) => s?,
-                _ => return Err(Error::tampered("keyring rotation state")),
-            };
-            let new = SubjectRecord {
-                generation: new_gen,
-                wrapped_dek: to_wrapped(&sealed)?,
-                payload: rec.payload,
-            };
-            w.insert(&k[..], new.encode());
+                continue;
+            }
+            keep.push((p, wrapped));
         }
-        Ok(())
+        let old = table.generation;
+        let deks: Vec<(Pseudonym, Zeroizing<Vec<u8>>)> =
+            match self.keyring.with_kek(b, old, |kek| {
+                keep.iter()
+                    .filter_map(|(p, w)| {
+                        kek.open(&dek_aad(&store_id, p, b, old), &w[..])
+                            .ok()
+                            .filter(|d| d.len() == 32)
+                            .map(|d| (*p, d))
+                    })
+                    .collect()
+            })? {
+                Kek::Found(d) => d,
+                Kek::Shredded | Kek::Unknown => Vec::new(),
+            };
+        let rewrapped = match self.keyring.with_kek(b, new_gen, |kek| {
+            let mut out = DekTable::new(new_gen);
+            for (p, dek) in &deks {
+                let sealed = kek.seal(&dek_aad(&store_id, p, b, new_gen), dek)?;
+                out.entries.push((p.0, to_wrapped(&sealed)?));
+            }
+            Ok::<_, Error>(out)
+        })? {
+            Kek::Found(t) => t?,
+            _ => return Err(Error::tampered("keyring rotation state")),
+        };
+        Ok(Some(rewrapped.encode()))
     }
 }
 
@@ -1222,10 +1332,14 @@ mod tests {
         let s = store.stats().expect("stats");
         assert_eq!((s.generation_min, s.generation_max), (2, 2));
         all_match(&store, 6);
-        for kv in store.db.records.scan_prefix([b'S']) {
-            let (_, v) = kv.expect("kv");
-            assert_eq!(SubjectRecord::decode(&v).expect("decode").generation, 2);
-        }
+        let table = store
+            .db
+            .records
+            .get(storage::key_table_key(0))
+            .expect("read")
+            .expect("table");
+        let table = DekTable::decode(&table).expect("decode");
+        assert_eq!((table.generation, table.entries.len()), (2, 6));
     }
 
     /// Crash after the re-wrap batch was flushed but before the old slot was
@@ -1237,11 +1351,15 @@ mod tests {
             let store = Store::open(config(dir.path(), ShredPolicy::Immediate)).expect("open");
             populate(&store, 6);
             let g = store.keyring.begin_rotation(0).expect("begin");
-            let mut w = Writes::default();
+            let t = store
+                .rewrap_table(0, g, &[], false)
+                .expect("rewrap")
+                .expect("table");
             store
-                .rewrap_into(&mut w, 0, g, &HashSet::new())
-                .expect("rewrap");
-            w.apply(&store.db.records).expect("apply");
+                .db
+                .records
+                .insert(storage::key_table_key(0), t)
+                .expect("insert");
             store.db.db.flush().expect("flush");
         }
         let store = Store::open(config(dir.path(), ShredPolicy::Immediate)).expect("reopen");
@@ -1313,6 +1431,78 @@ mod tests {
             .expect("read"));
         assert_eq!(store.sweep().expect("sweep").examined, 0);
         all_match(&store, 2);
+    }
+
+    fn table_of(store: &Store, b: u32) -> DekTable {
+        let v = store
+            .db
+            .records
+            .get(storage::key_table_key(b))
+            .expect("read")
+            .expect("table");
+        DekTable::decode(&v).expect("decode")
+    }
+
+    /// A deferred revocation leaves the subject's key-table entry until the
+    /// shred, which drops it (no record) while re-wrapping the rest.
+    #[test]
+    fn deferred_shred_drops_the_revoked_entry_from_the_key_table() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(config(dir.path(), ShredPolicy::Deferred)).expect("open");
+        populate(&store, 3);
+        store.revoke("s1").expect("revoke");
+        let t = table_of(&store, 0);
+        assert_eq!((t.generation, t.entries.len()), (1, 3));
+        assert_eq!(store.shred().expect("shred"), 1);
+        let t = table_of(&store, 0);
+        assert_eq!((t.generation, t.entries.len()), (2, 2));
+        let (p1, _, _) = store.locate("s1");
+        assert!(t.entries.iter().all(|(p, _)| *p != p1.0));
+    }
+
+    /// A crash after a rotation removed a record but before it wrote the
+    /// bucket's new key table: recovery drops the orphaned entry instead of
+    /// re-wrapping it under the new KEK (which would keep the removed
+    /// subject's DEK alive).
+    #[test]
+    fn recovery_drops_entries_whose_record_was_removed_before_a_crash() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p1 = {
+            let store = Store::open(config(dir.path(), ShredPolicy::Immediate)).expect("open");
+            populate(&store, 3);
+            let (p1, b, key) = store.locate("s1");
+            store.keyring.begin_rotation(b).expect("begin");
+            store.db.records.remove(key).expect("remove");
+            store
+                .db
+                .records
+                .remove(storage::state_key(b, &p1))
+                .expect("remove");
+            p1
+            // "crash": drop with the rotation unfinished
+        };
+        let store = Store::open(config(dir.path(), ShredPolicy::Immediate)).expect("reopen");
+        let t = table_of(&store, 0);
+        assert_eq!((t.generation, t.entries.len()), (2, 2));
+        assert!(t.entries.iter().all(|(p, _)| *p != p1.0));
+        assert!(matches!(
+            store.verify(
+                "s1",
+                &Purpose::IDENTITY_VERIFICATION,
+                Embedding::new(vec_for(1))
+            ),
+            Err(Error::NotEnrolled)
+        ));
+        for i in [0, 2] {
+            let d = store
+                .verify(
+                    &format!("s{i}"),
+                    &Purpose::IDENTITY_VERIFICATION,
+                    Embedding::new(vec_for(i)),
+                )
+                .expect("verify");
+            assert_eq!(d, Decision::Match);
+        }
     }
 
     #[test]

@@ -15,7 +15,43 @@ proptest! {
     #[test]
     fn record_decoder(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
         match __fuzz::decode_record(&bytes) {
-            Ok(()) => prop_assert!(bytes.len() >= 97 && bytes[0] == 1),
+            Ok(()) => prop_assert!(bytes.len() >= 29 && bytes[0] == 2),
+            Err(e) => prop_assert!(matches!(e, Error::Tampered { .. }), "{:?}", e),
+        }
+    }
+
+    /// Key tables: a typed error or a table whose binary-search lookup
+    /// agrees with a full decode. Sorted well-formed tables are generated
+    /// too (`shaped`), since random bytes almost never are.
+    #[test]
+    fn key_table_decoder(
+        mut bytes in proptest::collection::vec(any::<u8>(), 0..800),
+        shaped in any::<bool>(),
+        probe_from in any::<prop::sample::Index>(),
+    ) {
+        if shaped {
+            let n = bytes.len().saturating_sub(9) / 92;
+            bytes.truncate(9 + n * 92);
+            if bytes.len() >= 9 {
+                bytes[0] = 1;
+                let mut ps: Vec<[u8; 32]> = (0..n).map(|i| {
+                    let mut p = [0u8; 32];
+                    p.copy_from_slice(&bytes[9 + i * 92..9 + i * 92 + 32]);
+                    p
+                }).collect();
+                ps.sort();
+                for (i, p) in ps.iter().enumerate() {
+                    bytes[9 + i * 92..9 + i * 92 + 32].copy_from_slice(p);
+                }
+            }
+        }
+        let mut probe = [0u8; 32];
+        if bytes.len() >= 9 + 92 {
+            let i = probe_from.index((bytes.len() - 9) / 92);
+            probe.copy_from_slice(&bytes[9 + i * 92..9 + i * 92 + 32]);
+        }
+        match __fuzz::decode_key_table(&bytes, probe) {
+            Ok(n) => prop_assert!(bytes.len() == 9 + n * 92 && bytes[0] == 1),
             Err(e) => prop_assert!(matches!(e, Error::Tampered { .. }), "{:?}", e),
         }
     }

@@ -92,6 +92,71 @@ fn every_flipped_record_byte_is_detected() {
     assert!(checked > 600, "{checked}");
 }
 
+/// Every byte of a bucket key table flipped: each subject verifies as a
+/// match or fails typed (`Tampered`, or `KeyUnavailable` for a generation
+/// moved below the live ones); at least one subject of the bucket fails;
+/// an impostor never matches; restoring the table restores every match.
+#[test]
+fn every_flipped_key_table_byte_is_detected() {
+    let (f, vecs) = populated(8);
+    let (db, t) = raw_db(&f);
+    // The fullest table (8 subjects in 4 buckets: some bucket has two).
+    let (key, good) = t
+        .scan_prefix(b"K")
+        .map(|kv| kv.expect("kv"))
+        .max_by_key(|(_, v)| v.len())
+        .map(|(k, v)| (k.to_vec(), v.to_vec()))
+        .expect("a key table");
+    assert!(good.len() >= 9 + 2 * 92, "{}", good.len());
+    drop((t, db));
+    let impostor = Rng(999).unit(DIM);
+    let mut checked = 0;
+    for i in 0..good.len() {
+        for mask in [0x01u8, 0x80] {
+            let mut bad = good.clone();
+            bad[i] ^= mask;
+            {
+                let (db, t) = raw_db(&f);
+                t.insert(&key, bad).expect("insert");
+                db.flush().expect("flush");
+            }
+            let store = f.open();
+            let mut failed = 0;
+            for (j, v) in vecs.iter().enumerate() {
+                let id = format!("s{j}");
+                match store.verify(&id, &IDV, emb(v)) {
+                    Ok(Decision::Match) => {}
+                    Err(Error::Tampered { .. } | Error::KeyUnavailable { .. }) => failed += 1,
+                    other => panic!("byte {i} mask {mask:#x} {id}: {other:?}"),
+                }
+                let r = store.verify(&id, &IDV, emb(&impostor));
+                assert!(
+                    !matches!(r, Ok(Decision::Match)),
+                    "byte {i}: impostor {r:?}"
+                );
+                store.reset_attempts(&id).ok();
+            }
+            assert!(failed >= 1, "byte {i} mask {mask:#x}: nothing noticed");
+            checked += 1;
+        }
+    }
+    {
+        let (db, t) = raw_db(&f);
+        t.insert(&key, good).expect("insert");
+        db.flush().expect("flush");
+    }
+    let store = f.open();
+    for (j, v) in vecs.iter().enumerate() {
+        assert_eq!(
+            store
+                .verify(&format!("s{j}"), &IDV, emb(v))
+                .expect("verify"),
+            Decision::Match
+        );
+    }
+    assert!(checked >= 2 * (9 + 2 * 92), "{checked}");
+}
+
 #[test]
 fn records_swapped_between_subjects_do_not_open() {
     let (f, vecs) = populated(8);

@@ -99,6 +99,14 @@ impl Peer {
         tx.commit()
     }
 
+    /// Fold the write-ahead log into the database file, as SQLite's
+    /// auto-checkpoint does over time: after a bulk load the peer is measured
+    /// in its steady state, not with every read going through a large WAL.
+    pub fn checkpoint(&mut self) -> rusqlite::Result<()> {
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+    }
+
     /// Delete every subject whose consent expired by `now`, with an audit row
     /// each, in one transaction. Returns the number deleted.
     pub fn sweep(&mut self, now: i64) -> rusqlite::Result<usize> {

@@ -328,44 +328,78 @@ impl Keyring {
         Ok(lock_read(self.bucket(b)?).both_valid())
     }
 
-    /// Step 1 of a rotation: write a fresh KEK with generation + 1 into the
-    /// free slot and sync. Returns the new generation. The caller holds the
-    /// bucket's mutation lock.
+    /// First step of a rotation: seal a fresh KEK (generation + 1) into the
+    /// bucket's free slot and sync. See [`Keyring::begin_rotations`].
+    #[cfg(test)]
     pub(crate) fn begin_rotation(&self, b: u32) -> Result<u64> {
-        let lock = self.bucket(b)?;
-        let (free, gen) = {
-            let keys = lock_read(lock);
-            if keys.both_valid() {
-                return Err(Error::tampered("keyring rotation already in progress"));
-            }
-            let (slot, gen) = keys.newest().ok_or(Error::tampered("keyring slot"))?;
-            (1 - slot, gen + 1)
-        };
-        let kek = random::<32>()?;
-        let bytes = seal_slot(&self.seal, &self.header.store_id, b, free, gen, &kek)?;
-        self.file.write_all_at(&bytes, slot_offset(b, free))?;
+        let gens = self.begin_rotations(&[b])?;
+        gens.first()
+            .copied()
+            .ok_or(Error::tampered("keyring rotation state"))
+    }
+
+    /// First step of rotating several distinct buckets: seal a fresh KEK
+    /// (the bucket's generation plus one) into each bucket's free slot, then
+    /// one sync for all of them. Returns the new generations in the order of
+    /// `buckets`.
+    pub(crate) fn begin_rotations(&self, buckets: &[u32]) -> Result<Vec<u64>> {
+        let mut fresh = Vec::with_capacity(buckets.len());
+        for &b in buckets {
+            let lock = self.bucket(b)?;
+            let (free, gen) = {
+                let keys = lock_read(lock);
+                if keys.both_valid() {
+                    return Err(Error::tampered("keyring rotation already in progress"));
+                }
+                let (slot, gen) = keys.newest().ok_or(Error::tampered("keyring slot"))?;
+                (1 - slot, gen + 1)
+            };
+            let kek = random::<32>()?;
+            let bytes = seal_slot(&self.seal, &self.header.store_id, b, free, gen, &kek)?;
+            self.file.write_all_at(&bytes, slot_offset(b, free))?;
+            fresh.push((lock, free, gen, AeadKey::new(&kek)));
+        }
         self.file.sync_data()?;
         crate::failpoint::hit("rotation:new-slot-synced");
-        lock_write(lock).slots[free] = Some((gen, AeadKey::new(&kek)));
-        Ok(gen)
+        Ok(fresh
+            .into_iter()
+            .map(|(lock, free, gen, key)| {
+                lock_write(lock).slots[free] = Some((gen, key));
+                gen
+            })
+            .collect())
     }
 
     /// Last step of a rotation: overwrite the older slot with zeros in place
     /// and sync; from then on that KEK exists nowhere.
     pub(crate) fn finish_rotation(&self, b: u32) -> Result<()> {
-        let lock = self.bucket(b)?;
-        let old = {
-            let keys = lock_read(lock);
-            if !keys.both_valid() {
-                return Ok(());
-            }
-            let (newest, _) = keys.newest().ok_or(Error::tampered("keyring slot"))?;
-            1 - newest
-        };
-        self.file
-            .write_all_at(&[0u8; SLOT_LEN], slot_offset(b, old))?;
+        self.finish_rotations(&[b])
+    }
+
+    /// [`Keyring::finish_rotation`] for several buckets, with one sync.
+    pub(crate) fn finish_rotations(&self, buckets: &[u32]) -> Result<()> {
+        let mut zeroed = Vec::with_capacity(buckets.len());
+        for &b in buckets {
+            let lock = self.bucket(b)?;
+            let old = {
+                let keys = lock_read(lock);
+                if !keys.both_valid() {
+                    continue;
+                }
+                let (newest, _) = keys.newest().ok_or(Error::tampered("keyring slot"))?;
+                1 - newest
+            };
+            self.file
+                .write_all_at(&[0u8; SLOT_LEN], slot_offset(b, old))?;
+            zeroed.push((lock, old));
+        }
+        if zeroed.is_empty() {
+            return Ok(());
+        }
         self.file.sync_data()?;
-        lock_write(lock).slots[old] = None;
+        for (lock, old) in zeroed {
+            lock_write(lock).slots[old] = None;
+        }
         Ok(())
     }
 

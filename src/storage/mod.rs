@@ -1,6 +1,8 @@
 //! On-disk records and the sled trees that hold them.
 //!
 //! Tree `records`:
+//! - `b'K' | bucket (u32 BE)` → the bucket's key table ([`DekTable`]): every
+//!   subject's DEK in the bucket, wrapped under the bucket's KEK
 //! - `b'S' | bucket (u32 BE) | pseudonym (32)` → [`SubjectRecord`]
 //! - `b'T' | bucket | pseudonym` → the subject's state (failure counter, last
 //!   interaction), sealed under its DEK
@@ -21,9 +23,10 @@ use crate::crypto::pseudonym::Pseudonym;
 use crate::error::{Error, Result};
 use std::path::Path;
 
-pub(crate) use record::{SubjectPayload, SubjectRecord, SubjectState};
+pub(crate) use record::{DekTable, SubjectPayload, SubjectRecord, SubjectState};
 
 const SUBJECT: u8 = b'S';
+const KEY_TABLE: u8 = b'K';
 const STATE: u8 = b'T';
 const DEADLINE: u8 = b'D';
 const DEADLINE_PTR: u8 = b'd';
@@ -86,9 +89,9 @@ pub(crate) fn subject_key(bucket: u32, p: &Pseudonym) -> [u8; 37] {
     bucket_pseudonym_key(SUBJECT, bucket, p)
 }
 
-/// Prefix of every subject record in a bucket.
-pub(crate) fn bucket_prefix(bucket: u32) -> [u8; 5] {
-    let mut k = [SUBJECT, 0, 0, 0, 0];
+/// Key of a bucket's key table.
+pub(crate) fn key_table_key(bucket: u32) -> [u8; 5] {
+    let mut k = [KEY_TABLE, 0, 0, 0, 0];
     k[1..5].copy_from_slice(&bucket.to_be_bytes());
     k
 }

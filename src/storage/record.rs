@@ -1,13 +1,24 @@
-//! Subject records: a fixed binary envelope around a sealed, bincode-encoded
-//! payload.
+//! Subject records and bucket key tables.
+//!
+//! A subject record is a fixed envelope around a sealed, bincode-encoded
+//! payload:
 //!
 //! ```text
-//! 0        format version (1)
-//! 1..9     KEK generation the DEK is wrapped under (u64 BE)
-//! 9..69    wrapped DEK: nonce 12 | AES-256-GCM(DEK) 32 | tag 16
-//!          associated data "bioseal/v1/dek" | store id | pseudonym | bucket | generation
-//! 69..     payload: nonce 12 | AES-256-GCM_DEK(bincode(SubjectPayload)) | tag 16
+//! 0        format version (2)
+//! 1..      payload: nonce 12 | AES-256-GCM_DEK(bincode(SubjectPayload)) | tag 16
 //!          associated data "bioseal/v1/subject" | store id | pseudonym | format version
+//! ```
+//!
+//! The subject's DEK is not in its record but in its bucket's key table, one
+//! value per bucket, so that rotating a bucket's KEK rewrites one small value
+//! instead of every record of the bucket:
+//!
+//! ```text
+//! 0        table format version (1)
+//! 1..9     KEK generation every entry is wrapped under (u64 BE)
+//! 9..      entries sorted by pseudonym, each 92 bytes:
+//!          pseudonym 32 | wrapped DEK: nonce 12 | AES-256-GCM_KEK(DEK) 32 | tag 16
+//!          associated data "bioseal/v1/dek" | store id | pseudonym | bucket | generation
 //! ```
 
 use crate::consent::Consent;
@@ -19,46 +30,137 @@ use bincode::Options;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-pub(crate) const RECORD_VERSION: u8 = 1;
+pub(crate) const RECORD_VERSION: u8 = 2;
 pub(crate) const WRAPPED_DEK_LEN: usize = 32 + OVERHEAD;
-const HEAD_LEN: usize = 1 + 8 + WRAPPED_DEK_LEN;
+const TABLE_VERSION: u8 = 1;
+const TABLE_HEAD: usize = 1 + 8;
+const ENTRY_LEN: usize = 32 + WRAPPED_DEK_LEN;
 /// Upper bound on a decoded payload (64 templates of 4096 dimensions fit).
 const MAX_PAYLOAD: u64 = 1 << 20;
 
 /// The outer, non-secret envelope of a subject record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct SubjectRecord {
-    pub(crate) generation: u64,
-    pub(crate) wrapped_dek: [u8; WRAPPED_DEK_LEN],
     pub(crate) payload: Vec<u8>,
 }
 
 impl SubjectRecord {
     pub(crate) fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(HEAD_LEN + self.payload.len());
+        let mut v = Vec::with_capacity(1 + self.payload.len());
         v.push(RECORD_VERSION);
-        v.extend_from_slice(&self.generation.to_be_bytes());
-        v.extend_from_slice(&self.wrapped_dek);
         v.extend_from_slice(&self.payload);
         v
     }
 
     pub(crate) fn decode(bytes: &[u8]) -> Result<Self> {
-        if bytes.len() < HEAD_LEN + OVERHEAD {
+        if bytes.len() < 1 + OVERHEAD {
             return Err(Error::tampered("subject record (too short)"));
         }
         if bytes[0] != RECORD_VERSION {
             return Err(Error::tampered("subject record (unknown format version)"));
         }
-        let mut g = [0u8; 8];
-        g.copy_from_slice(&bytes[1..9]);
-        let mut wrapped_dek = [0u8; WRAPPED_DEK_LEN];
-        wrapped_dek.copy_from_slice(&bytes[9..HEAD_LEN]);
         Ok(SubjectRecord {
-            generation: u64::from_be_bytes(g),
-            wrapped_dek,
-            payload: bytes[HEAD_LEN..].to_vec(),
+            payload: bytes[1..].to_vec(),
         })
+    }
+}
+
+/// A bucket's key table, checked for shape (version, length, strictly
+/// increasing pseudonyms) but not decrypted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DekTable {
+    pub(crate) generation: u64,
+    pub(crate) entries: Vec<([u8; 32], [u8; WRAPPED_DEK_LEN])>,
+}
+
+impl DekTable {
+    pub(crate) fn new(generation: u64) -> Self {
+        DekTable {
+            generation,
+            entries: Vec::new(),
+        }
+    }
+
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(TABLE_HEAD + self.entries.len() * ENTRY_LEN);
+        v.push(TABLE_VERSION);
+        v.extend_from_slice(&self.generation.to_be_bytes());
+        for (p, w) in &self.entries {
+            v.extend_from_slice(p);
+            v.extend_from_slice(w);
+        }
+        v
+    }
+
+    /// Check the shape of an encoded table; returns its generation.
+    fn check(bytes: &[u8]) -> Result<u64> {
+        if bytes.len() < TABLE_HEAD
+            || bytes[0] != TABLE_VERSION
+            || (bytes.len() - TABLE_HEAD) % ENTRY_LEN != 0
+        {
+            return Err(Error::tampered("bucket key table"));
+        }
+        let mut g = [0u8; 8];
+        g.copy_from_slice(&bytes[1..TABLE_HEAD]);
+        Ok(u64::from_be_bytes(g))
+    }
+
+    fn entry(bytes: &[u8], i: usize) -> &[u8] {
+        &bytes[TABLE_HEAD + i * ENTRY_LEN..TABLE_HEAD + (i + 1) * ENTRY_LEN]
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Self> {
+        let generation = Self::check(bytes)?;
+        let n = (bytes.len() - TABLE_HEAD) / ENTRY_LEN;
+        let mut entries: Vec<([u8; 32], [u8; WRAPPED_DEK_LEN])> = Vec::with_capacity(n);
+        for i in 0..n {
+            let e = Self::entry(bytes, i);
+            let mut p = [0u8; 32];
+            p.copy_from_slice(&e[..32]);
+            let mut w = [0u8; WRAPPED_DEK_LEN];
+            w.copy_from_slice(&e[32..]);
+            if entries.last().is_some_and(|(q, _)| *q >= p) {
+                return Err(Error::tampered("bucket key table (order)"));
+            }
+            entries.push((p, w));
+        }
+        Ok(DekTable {
+            generation,
+            entries,
+        })
+    }
+
+    /// Find `p`'s wrapped DEK in an encoded table without decoding it all
+    /// (binary search over the fixed-size entries). Returns the table's
+    /// generation and the wrapped DEK, or `None` if `p` has no entry.
+    pub(crate) fn find(
+        bytes: &[u8],
+        p: &Pseudonym,
+    ) -> Result<Option<(u64, [u8; WRAPPED_DEK_LEN])>> {
+        let generation = Self::check(bytes)?;
+        let (mut lo, mut hi) = (0, (bytes.len() - TABLE_HEAD) / ENTRY_LEN);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let e = Self::entry(bytes, mid);
+            match e[..32].cmp(&p.0[..]) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => {
+                    let mut w = [0u8; WRAPPED_DEK_LEN];
+                    w.copy_from_slice(&e[32..]);
+                    return Ok(Some((generation, w)));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Insert or replace `p`'s entry.
+    pub(crate) fn put(&mut self, p: &Pseudonym, wrapped: [u8; WRAPPED_DEK_LEN]) {
+        match self.entries.binary_search_by(|(q, _)| q.cmp(&p.0)) {
+            Ok(i) => self.entries[i].1 = wrapped,
+            Err(i) => self.entries.insert(i, (p.0, wrapped)),
+        }
     }
 }
 
@@ -177,21 +279,52 @@ mod tests {
     #[test]
     fn record_roundtrip_and_short_input() {
         let r = SubjectRecord {
-            generation: 7,
-            wrapped_dek: [5u8; WRAPPED_DEK_LEN],
             payload: vec![9u8; 40],
         };
         let e = r.encode();
         assert_eq!(SubjectRecord::decode(&e).expect("decode"), r);
-        for n in 0..HEAD_LEN + OVERHEAD {
+        for n in 0..1 + OVERHEAD {
             assert!(SubjectRecord::decode(&e[..n]).is_err(), "length {n}");
         }
         let mut v2 = e.clone();
-        v2[0] = 2;
+        v2[0] = 1;
         assert!(matches!(
             SubjectRecord::decode(&v2),
             Err(Error::Tampered { .. })
         ));
+    }
+
+    #[test]
+    fn table_put_find_and_shape_checks() {
+        let mut t = DekTable::new(3);
+        for i in [5u8, 1, 9, 3, 7] {
+            t.put(&Pseudonym([i; 32]), [i; WRAPPED_DEK_LEN]);
+        }
+        t.put(&Pseudonym([3; 32]), [33; WRAPPED_DEK_LEN]);
+        let e = t.encode();
+        assert_eq!(DekTable::decode(&e).expect("decode"), t);
+        assert_eq!(t.entries.len(), 5);
+        for i in [1u8, 5, 7, 9] {
+            assert_eq!(
+                DekTable::find(&e, &Pseudonym([i; 32])).expect("find"),
+                Some((3, [i; WRAPPED_DEK_LEN]))
+            );
+        }
+        assert_eq!(
+            DekTable::find(&e, &Pseudonym([3; 32])).expect("find"),
+            Some((3, [33; WRAPPED_DEK_LEN]))
+        );
+        for i in [0u8, 2, 4, 10, 255] {
+            assert_eq!(DekTable::find(&e, &Pseudonym([i; 32])).expect("find"), None);
+        }
+        assert!(DekTable::decode(&e[..e.len() - 1]).is_err());
+        assert!(DekTable::find(&e[..8], &Pseudonym([1; 32])).is_err());
+        let mut swapped = e.clone();
+        swapped[9] = 0xff; // first pseudonym now sorts after the second
+        assert!(DekTable::decode(&swapped).is_err());
+        let mut version = e;
+        version[0] = 9;
+        assert!(DekTable::find(&version, &Pseudonym([1; 32])).is_err());
     }
 
     #[test]
