@@ -74,9 +74,15 @@ impl Embedding {
         self.values.len()
     }
 
-    /// Validate against `dim`, L2-normalise and quantise. Consumes the
-    /// embedding, whose buffer is wiped on return.
-    pub(crate) fn quantize(self, dim: usize) -> Result<Template, EmbeddingError> {
+    /// Check the embedding as `enroll` and `verify` will, without using it:
+    /// the dimension `dim`, finite components, and a norm away from zero.
+    /// Lets a caller refuse bad input before opening a store.
+    pub fn check(&self, dim: usize) -> Result<(), EmbeddingError> {
+        self.norm(dim).map(|_| ())
+    }
+
+    /// The L2 norm, after the checks of [`Embedding::check`].
+    fn norm(&self, dim: usize) -> Result<f64, EmbeddingError> {
         let v = &self.values;
         if v.len() != dim {
             return Err(EmbeddingError::WrongDimension {
@@ -96,6 +102,14 @@ impl Embedding {
         if !norm.is_finite() || norm < MIN_NORM {
             return Err(EmbeddingError::NearZero);
         }
+        Ok(norm)
+    }
+
+    /// Validate against `dim`, L2-normalise and quantise. Consumes the
+    /// embedding, whose buffer is wiped on return.
+    pub(crate) fn quantize(self, dim: usize) -> Result<Template, EmbeddingError> {
+        let norm = self.norm(dim)?;
+        let v = &self.values;
         // One division, then a multiply per component; rounding half away
         // from zero by hand (`f64::round` is a libm call on baseline x86-64).
         // |x| / norm <= 1, so y is within +-2^14 and the cast is exact.

@@ -75,6 +75,7 @@
 #![warn(missing_docs)]
 
 pub mod audit;
+pub mod calibrate;
 mod clock;
 mod config;
 mod consent;

@@ -72,6 +72,13 @@ fn dot(a: &[i16], b: &[i16]) -> i64 {
         .sum()
 }
 
+/// Similarity of two templates on the fixed-point scale (2^28 = cosine 1),
+/// for calibration on evaluation data; never applied to a stored template
+/// outside `decide`.
+pub(crate) fn score(a: &Template, b: &Template) -> i64 {
+    dot(a.values(), b.values())
+}
+
 /// `a >= b` as a constant-time `Choice`: flipping the sign bit maps i64 order
 /// onto u64 order, then `subtle` compares without branching.
 fn ct_ge(a: i64, b: i64) -> Choice {
