@@ -578,6 +578,34 @@ impl Store {
         Ok(doomed)
     }
 
+    /// How many subjects a [`Store::sweep`] run now would destroy, without
+    /// destroying or writing anything (a dry run). Visits the same
+    /// retention-index entries the sweep would.
+    pub fn due(&self) -> Result<usize> {
+        let now = self.clock.now();
+        let mut seen = std::collections::HashSet::new();
+        let mut n = 0;
+        for kv in self
+            .db
+            .records
+            .range(&[b'D'][..]..&storage::deadline_scan_end(day_of(now.unix_secs()))[..])
+        {
+            let (k, _) = kv?;
+            let (_, b, p) =
+                storage::parse_deadline_key(&k).ok_or(Error::tampered("retention index"))?;
+            if !seen.insert((b, p.0)) {
+                continue;
+            }
+            let _guard = self.lock(b);
+            match self.load_subject(&p, b, &storage::subject_key(b, &p)) {
+                Ok(Some(l)) if self.overdue(&l, now).is_some() => n += 1,
+                Ok(_) => {}
+                Err(_) => n += 1,
+            }
+        }
+        Ok(n)
+    }
+
     /// Complete every pending shred (see [`ShredPolicy::Deferred`]). Returns
     /// the number of buckets rotated.
     pub fn shred(&self) -> Result<usize> {

@@ -1,0 +1,473 @@
+//! The `bioseal` binary, run as a subprocess: every subcommand, and bad
+//! input (missing file, malformed JSON, NaN, wrong dimension, wrong root
+//! key) giving a one-line message, a non-zero exit code and an unchanged
+//! store.
+
+mod common;
+use common::{read_all_files, Rng};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const DIM: usize = 16;
+
+struct Cli {
+    _tmp: tempfile::TempDir,
+    store: PathBuf,
+    key: PathBuf,
+    files: PathBuf,
+}
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Cli {
+    fn new() -> Cli {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (store, key, files) = (
+            tmp.path().join("store"),
+            tmp.path().join("root.key"),
+            tmp.path().join("files"),
+        );
+        std::fs::create_dir(&files).expect("mkdir");
+        Cli {
+            _tmp: tmp,
+            store,
+            key,
+            files,
+        }
+    }
+
+    fn run(&self, args: &[&str]) -> Out {
+        self.run_with_key(&self.key, args)
+    }
+
+    fn run_with_key(&self, key: &Path, args: &[&str]) -> Out {
+        let out = Command::new(env!("CARGO_BIN_EXE_bioseal"))
+            .arg("--store")
+            .arg(&self.store)
+            .arg("--root-key")
+            .arg(key)
+            .args(args)
+            .env_remove("BIOSEAL_STORE")
+            .env_remove("BIOSEAL_ROOT_KEY_FILE")
+            .output()
+            .expect("run bioseal");
+        Out {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    fn file(&self, name: &str, bytes: &[u8]) -> String {
+        let p = self.files.join(name);
+        std::fs::write(&p, bytes).expect("write");
+        p.to_string_lossy().into_owned()
+    }
+
+    fn json(&self, name: &str, v: &[f32]) -> String {
+        self.file(name, serde_json::to_string(v).expect("json").as_bytes())
+    }
+
+    fn init(&self) {
+        let o = self.run(&[
+            "init",
+            "--model",
+            "m1",
+            "--dim",
+            &DIM.to_string(),
+            "--threshold",
+            "0.5",
+            "--buckets",
+            "16",
+        ]);
+        assert_eq!(o.code, 0, "{}", o.stderr);
+    }
+}
+
+/// A float32 .npy file of `v` (format version 1).
+fn npy(v: &[f32]) -> Vec<u8> {
+    let mut header = format!(
+        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({},), }}",
+        v.len()
+    );
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    for x in v {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out
+}
+
+fn assert_error(o: &Out, code: i32, needle: &str) {
+    assert_eq!(o.code, code, "stdout {:?} stderr {:?}", o.stdout, o.stderr);
+    assert_eq!(o.stderr.lines().count(), 1, "one line: {:?}", o.stderr);
+    assert!(o.stderr.starts_with("error: "), "{:?}", o.stderr);
+    assert!(o.stderr.contains(needle), "{needle:?} in {:?}", o.stderr);
+}
+
+fn enroll_alice(cli: &Cli, v: &[f32]) {
+    let e = cli.json("alice.json", v);
+    let ev = cli.file("release.pdf", b"signed consent release");
+    let o = cli.run(&[
+        "enroll",
+        "--subject",
+        "alice",
+        "--embedding",
+        &e,
+        "--purpose",
+        "identity-verification",
+        "--purpose",
+        "impersonation-check",
+        "--expires",
+        "365d",
+        "--evidence",
+        &ev,
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(o.stdout.trim(), "enrolled alice");
+}
+
+#[test]
+fn init_writes_a_0600_key_and_refuses_to_overwrite() {
+    let cli = Cli::new();
+    cli.init();
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&cli.key).expect("key").permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    let key = std::fs::read(&cli.key).expect("read");
+    let o = cli.run(&["init", "--model", "m", "--dim", "4", "--threshold", "0.5"]);
+    assert_error(&o, 3, "refusing to overwrite");
+    assert_eq!(std::fs::read(&cli.key).expect("read"), key);
+}
+
+#[test]
+fn enroll_verify_consent_revoke_stats_and_audit() {
+    let cli = Cli::new();
+    cli.init();
+    let mut rng = Rng(77);
+    let alice = rng.unit(DIM);
+    enroll_alice(&cli, &alice);
+
+    let genuine = cli.file("probe.npy", &npy(&rng.noisy(&alice, 0.2)));
+    let o = cli.run(&[
+        "verify",
+        "--subject",
+        "alice",
+        "--purpose",
+        "identity-verification",
+        "--embedding",
+        &genuine,
+    ]);
+    assert_eq!((o.code, o.stdout.trim()), (0, "match"), "{}", o.stderr);
+    let impostor = cli.json("impostor.json", &rng.unit(DIM));
+    let o = cli.run(&[
+        "verify",
+        "--subject",
+        "alice",
+        "--purpose",
+        "identity-verification",
+        "--embedding",
+        &impostor,
+    ]);
+    assert_eq!((o.code, o.stdout.trim()), (1, "no-match"), "{}", o.stderr);
+    let o = cli.run(&[
+        "verify",
+        "--subject",
+        "alice",
+        "--purpose",
+        "marketing",
+        "--embedding",
+        &genuine,
+    ]);
+    assert_error(&o, 5, "purpose");
+
+    let o = cli.run(&["consent", "show", "--subject", "alice"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o
+        .stdout
+        .contains("identity-verification, impersonation-check"));
+    assert!(o.stdout.contains("evidence sha256"));
+    let o = cli.run(&[
+        "consent",
+        "withdraw",
+        "--subject",
+        "alice",
+        "--purpose",
+        "impersonation-check",
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stdout.contains("remaining: identity-verification"));
+    let ev = cli.file("release2.pdf", b"second release");
+    let o = cli.run(&[
+        "consent",
+        "renew",
+        "--subject",
+        "alice",
+        "--purpose",
+        "identity-verification",
+        "--expires",
+        "700d",
+        "--evidence",
+        &ev,
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+
+    let o = cli.run(&["sweep", "--dry-run"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stdout.contains("0 subjects are due"), "{}", o.stdout);
+    let o = cli.run(&["sweep"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stdout.starts_with("destroyed 0 subjects"), "{}", o.stdout);
+
+    let o = cli.run(&["stats"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stdout.contains("subjects          1"), "{}", o.stdout);
+    assert!(o.stdout.contains("disk use"));
+
+    let o = cli.run(&["audit", "verify"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stdout.starts_with("audit chain intact"), "{}", o.stdout);
+    let export = cli.files.join("audit.jsonl");
+    let o = cli.run(&["audit", "export", "--out", &export.to_string_lossy()]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let text = std::fs::read_to_string(&export).expect("export");
+    // enroll, three verifies, withdraw, renew, sweep (a dry run logs nothing).
+    assert_eq!(text.lines().count(), 7, "{text}");
+    assert!(
+        text.contains("\"outcome\":\"purpose-not-consented\""),
+        "{text}"
+    );
+    assert!(!text.contains("alice"));
+    let first = format!("{}", alice[0]);
+    assert!(!text.contains(&first[..first.len().min(8)]));
+
+    let o = cli.run(&["revoke", "--subject", "alice"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stdout.contains("shredded"), "{}", o.stdout);
+    let o = cli.run(&[
+        "verify",
+        "--subject",
+        "alice",
+        "--purpose",
+        "identity-verification",
+        "--embedding",
+        &genuine,
+    ]);
+    assert_error(&o, 4, "not enrolled");
+    let o = cli.run(&["revoke", "--subject", "alice"]);
+    assert_error(&o, 4, "not enrolled");
+}
+
+/// Bad input: a one-line error, the documented exit code, and not one byte
+/// of the store changed.
+#[test]
+fn bad_input_is_refused_and_leaves_the_store_unchanged() {
+    let cli = Cli::new();
+    cli.init();
+    let mut rng = Rng(78);
+    let alice = rng.unit(DIM);
+    enroll_alice(&cli, &alice);
+    let before = read_all_files(&cli.store);
+    let mut nan = alice.clone();
+    nan[3] = f32::NAN;
+    let cases: Vec<(String, i32, &str)> = vec![
+        (
+            cli.files.join("nope.json").to_string_lossy().into(),
+            3,
+            "No such file",
+        ),
+        (cli.file("bad.json", b"[0.1, 0.2,"), 3, "malformed JSON"),
+        (cli.file("obj.json", b"{\"x\": 1}"), 3, "malformed JSON"),
+        (cli.file("nan.npy", &npy(&nan)), 3, "NaN"),
+        (
+            cli.json("short.json", &alice[..DIM - 1]),
+            3,
+            "wrong dimension",
+        ),
+        (
+            cli.file("zero.json", b"[0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0]"),
+            3,
+            "zero",
+        ),
+        (cli.file("trunc.npy", &npy(&alice)[..100]), 3, ".npy"),
+    ];
+    for (file, code, needle) in &cases {
+        for cmd in ["verify", "enroll"] {
+            let o = if cmd == "verify" {
+                cli.run(&[
+                    "verify",
+                    "--subject",
+                    "alice",
+                    "--purpose",
+                    "identity-verification",
+                    "--embedding",
+                    file,
+                ])
+            } else {
+                let ev = cli.file("ev.pdf", b"release");
+                cli.run(&[
+                    "enroll",
+                    "--subject",
+                    "bob",
+                    "--embedding",
+                    file,
+                    "--purpose",
+                    "identity-verification",
+                    "--expires",
+                    "30d",
+                    "--evidence",
+                    &ev,
+                ])
+            };
+            assert_error(&o, *code, needle);
+        }
+    }
+    // Wrong root key.
+    let wrong = cli.files.join("wrong.key");
+    bioseal::RootKey::from_bytes([0x11; 32])
+        .write_new_file(&wrong)
+        .expect("key");
+    let probe = cli.json("alice2.json", &alice);
+    let o = cli.run_with_key(
+        &wrong,
+        &[
+            "verify",
+            "--subject",
+            "alice",
+            "--purpose",
+            "identity-verification",
+            "--embedding",
+            &probe,
+        ],
+    );
+    assert_error(&o, 7, "root key");
+    // Missing evidence file, bad expiry.
+    let o = cli.run(&[
+        "enroll",
+        "--subject",
+        "bob",
+        "--embedding",
+        &probe,
+        "--purpose",
+        "p",
+        "--expires",
+        "30d",
+        "--evidence",
+        "/nonexistent/release.pdf",
+    ]);
+    assert_error(&o, 3, "release.pdf");
+    let ev = cli.file("ev2.pdf", b"release");
+    let o = cli.run(&[
+        "enroll",
+        "--subject",
+        "bob",
+        "--embedding",
+        &probe,
+        "--purpose",
+        "p",
+        "--expires",
+        "2027-02-30",
+        "--evidence",
+        &ev,
+    ]);
+    assert_error(&o, 3, "--expires");
+    assert!(read_all_files(&cli.store) == before, "the store changed");
+    // A missing argument is a usage error (clap, exit 2).
+    let o = cli.run(&["verify", "--subject", "alice"]);
+    assert_eq!(o.code, 2);
+}
+
+#[test]
+fn bulk_enroll_reports_bad_lines_and_enrolls_the_rest() {
+    let cli = Cli::new();
+    cli.init();
+    let mut rng = Rng(79);
+    let mut lines = Vec::new();
+    for i in 0..20 {
+        let v = if i == 5 {
+            rng.unit(DIM - 2)
+        } else {
+            rng.unit(DIM)
+        };
+        lines.push(
+            serde_json::json!({
+                "subject": format!("s{i}"),
+                "embedding": v,
+                "purposes": ["identity-verification"],
+                "expires": "90d",
+                "evidence_sha256": "ab".repeat(32),
+            })
+            .to_string(),
+        );
+    }
+    lines.insert(9, "{not json".into());
+    let f = cli.file("bulk.jsonl", lines.join("\n").as_bytes());
+    let o = cli.run(&["enroll", "--jsonl", &f]);
+    assert_eq!(o.code, 3, "{}", o.stderr);
+    assert!(
+        o.stdout.contains("enrolled 19 subjects; 2 lines failed"),
+        "{}",
+        o.stdout
+    );
+    assert!(o.stderr.contains("line 6: ") && o.stderr.contains("wrong dimension"));
+    assert!(o.stderr.contains("line 10: malformed JSON"), "{}", o.stderr);
+    let o = cli.run(&["stats"]);
+    assert!(o.stdout.contains("subjects          19"), "{}", o.stdout);
+}
+
+#[test]
+fn calibrate_prints_rates_warns_on_small_sets_and_applies() {
+    let cli = Cli::new();
+    cli.init();
+    let mut rng = Rng(80);
+    let mut lines = Vec::new();
+    for id in 0..40 {
+        let base = rng.unit(DIM);
+        for _ in 0..3 {
+            lines.push(
+                serde_json::json!({"identity": format!("p{id}"), "embedding": rng.noisy(&base, 0.3)})
+                    .to_string(),
+            );
+        }
+    }
+    let pairs = cli.file("pairs.jsonl", lines.join("\n").as_bytes());
+    let o = cli.run(&["calibrate", "--pairs", &pairs, "--target-fmr", "1e-4"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    // 120 samples: 120 genuine pairs, 7020 impostor pairs < 3 / 1e-4.
+    assert!(o.stdout.contains("genuine pairs     120"), "{}", o.stdout);
+    assert!(o.stdout.contains("impostor pairs    7020"), "{}", o.stdout);
+    assert!(
+        o.stderr
+            .contains("warning: 7020 impostor pairs cannot support"),
+        "{}",
+        o.stderr
+    );
+    let o = cli.run(&[
+        "calibrate",
+        "--pairs",
+        &pairs,
+        "--target-fmr",
+        "0.01",
+        "--apply",
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(!o.stderr.contains("warning"), "{}", o.stderr);
+    let settings = std::fs::read_to_string(cli.store.join("bioseal.json")).expect("settings");
+    assert!(settings.contains("\"target_fmr\": 0.01"), "{settings}");
+    assert!(settings.contains("pairs.jsonl (sha256 "), "{settings}");
+    let o = cli.run(&["stats"]);
+    assert!(o.stdout.contains("target FMR        1e-2"), "{}", o.stdout);
+    let bad = cli.file("bad.jsonl", b"{\"identity\": \"a\"}\n");
+    let o = cli.run(&["calibrate", "--pairs", &bad]);
+    assert_error(&o, 3, "line 1: malformed JSON");
+}
