@@ -63,7 +63,7 @@ pub fn subject_records(dir: impl AsRef<Path>) -> Result<Vec<RawSubjectRecord>> {
             storage::parse_subject_key(&k).ok_or(Error::tampered("record key"))?;
         let rec = SubjectRecord::decode(&v)?;
         let table = db
-            .records
+            .keys
             .get(storage::key_table_key(bucket))?
             .ok_or(Error::tampered("bucket key table (missing)"))?;
         let (generation, wrapped) = DekTable::find(&table, &p)?

@@ -304,10 +304,7 @@ impl Store {
                 let dek = random::<32>()?;
                 // The key table first: a record must never exist without
                 // its DEK (an entry without a record is harmless).
-                w.insert(
-                    &storage::key_table_key(b)[..],
-                    self.table_with(&p, b, &dek)?,
-                );
+                w.put_table(b, self.table_with(&p, b, &dek)?);
                 let payload = SubjectPayload {
                     consent,
                     templates: vec![template],
@@ -321,7 +318,7 @@ impl Store {
             state,
         };
         self.put_subject(&mut w, &p, b, &l, true)?;
-        w.apply(&self.db.records)?;
+        w.apply(&self.db)?;
         self.log(
             now,
             AuditEntry::new(AuditEvent::Enroll)
@@ -565,7 +562,7 @@ impl Store {
                     let mut w = Writes::default();
                     self.remove_index(&mut w, b, &p)?;
                     w.remove(&storage::deadline_key(day, b, &p)[..]);
-                    w.apply(&self.db.records)?;
+                    w.apply(&self.db)?;
                     None
                 }
                 // Listed as due and unreadable: nothing can be lost by removing it.
@@ -710,7 +707,7 @@ impl Store {
         if next != st {
             let mut w = Writes::default();
             self.put_subject(&mut w, p, b, &Loaded { state: next, ..l }, false)?;
-            w.apply(&self.db.records)?;
+            w.apply(&self.db)?;
         }
         // A failure must survive a crash: otherwise crashing the service
         // would reset the counter.
@@ -846,7 +843,7 @@ impl Store {
         for p in ps {
             self.remove_subject(&mut w, b, p)?;
         }
-        w.apply(&self.db.records)
+        w.apply(&self.db)
     }
 
     /// Make everything written so far durable: queued audit entries into
@@ -901,7 +898,7 @@ impl Store {
         };
         let table = self
             .db
-            .records
+            .keys
             .get(storage::key_table_key(b))?
             .ok_or(Error::tampered("bucket key table (missing)"))?;
         let (generation, wrapped) = DekTable::find(&table, p)?
@@ -996,7 +993,7 @@ impl Store {
     ) -> Result<()> {
         let mut w = Writes::default();
         self.put_subject(&mut w, p, b, l, reseal)?;
-        w.apply(&self.db.records)?;
+        w.apply(&self.db)?;
         self.log(now, entry.subject(p).outcome(AuditOutcome::Ok))
     }
 
@@ -1075,7 +1072,7 @@ impl Store {
     /// the newest KEK.
     fn table_with(&self, p: &Pseudonym, b: u32, dek: &[u8; 32]) -> Result<Vec<u8>> {
         let (generation, wrapped) = self.wrap_dek(p, b, dek)?;
-        let mut table = match self.db.records.get(storage::key_table_key(b))? {
+        let mut table = match self.db.keys.get(storage::key_table_key(b))? {
             Some(v) => DekTable::decode(&v)?,
             None => DekTable::new(generation),
         };
@@ -1131,11 +1128,11 @@ impl Store {
         }
         for (b, table) in tables {
             if let Some(t) = table {
-                w.insert(&storage::key_table_key(b)[..], t);
+                w.put_table(b, t);
             }
             w.remove(storage::pending_key(b).as_slice());
         }
-        w.apply(&self.db.records)?;
+        w.apply(&self.db)?;
         failpoint::hit("rotation:batch-applied");
         let now = self.clock.now();
         for (&b, &gen) in buckets.iter().zip(&gens) {
@@ -1157,7 +1154,7 @@ impl Store {
     fn complete_rotation(&self, b: u32) -> Result<()> {
         let newest = self.keyring.with_newest(b, |g, _| g)?;
         if let Some(t) = self.rewrap_table(b, newest, &[], true)? {
-            self.db.records.insert(storage::key_table_key(b), t)?;
+            self.db.keys.insert(storage::key_table_key(b), t)?;
         }
         self.log(
             self.clock.now(),
@@ -1182,7 +1179,7 @@ impl Store {
         remove: &[Pseudonym],
         thorough: bool,
     ) -> Result<Option<Vec<u8>>> {
-        let Some(v) = self.db.records.get(storage::key_table_key(b))? else {
+        let Some(v) = self.db.keys.get(storage::key_table_key(b))? else {
             return Ok(None);
         };
         let Ok(table) = DekTable::decode(&v) else {
@@ -1362,7 +1359,7 @@ mod tests {
         all_match(&store, 6);
         let table = store
             .db
-            .records
+            .keys
             .get(storage::key_table_key(0))
             .expect("read")
             .expect("table");
@@ -1385,7 +1382,7 @@ mod tests {
                 .expect("table");
             store
                 .db
-                .records
+                .keys
                 .insert(storage::key_table_key(0), t)
                 .expect("insert");
             store.db.db.flush().expect("flush");
@@ -1464,7 +1461,7 @@ mod tests {
     fn table_of(store: &Store, b: u32) -> DekTable {
         let v = store
             .db
-            .records
+            .keys
             .get(storage::key_table_key(b))
             .expect("read")
             .expect("table");

@@ -27,6 +27,13 @@ fn raw_db(f: &Fixture) -> (sled::Db, sled::Tree) {
     (db, t)
 }
 
+/// The raw sled database and its `keys` tree (bucket key tables).
+fn raw_keys(f: &Fixture) -> (sled::Db, sled::Tree) {
+    let db = open_raw_sled(&f.data.path().join("db"));
+    let t = db.open_tree("keys").expect("tree");
+    (db, t)
+}
+
 fn subject_keys(t: &sled::Tree) -> Vec<Vec<u8>> {
     t.scan_prefix(b"S")
         .keys()
@@ -99,7 +106,7 @@ fn every_flipped_record_byte_is_detected() {
 #[test]
 fn every_flipped_key_table_byte_is_detected() {
     let (f, vecs) = populated(8);
-    let (db, t) = raw_db(&f);
+    let (db, t) = raw_keys(&f);
     // The fullest table (8 subjects in 4 buckets: some bucket has two).
     let (key, good) = t
         .scan_prefix(b"K")
@@ -116,7 +123,7 @@ fn every_flipped_key_table_byte_is_detected() {
             let mut bad = good.clone();
             bad[i] ^= mask;
             {
-                let (db, t) = raw_db(&f);
+                let (db, t) = raw_keys(&f);
                 t.insert(&key, bad).expect("insert");
                 db.flush().expect("flush");
             }
@@ -141,7 +148,7 @@ fn every_flipped_key_table_byte_is_detected() {
         }
     }
     {
-        let (db, t) = raw_db(&f);
+        let (db, t) = raw_keys(&f);
         t.insert(&key, good).expect("insert");
         db.flush().expect("flush");
     }

@@ -1,8 +1,6 @@
 //! On-disk records and the sled trees that hold them.
 //!
 //! Tree `records`:
-//! - `b'K' | bucket (u32 BE)` → the bucket's key table ([`DekTable`]): every
-//!   subject's DEK in the bucket, wrapped under the bucket's KEK
 //! - `b'S' | bucket (u32 BE) | pseudonym (32)` → [`SubjectRecord`]
 //! - `b'T' | bucket | pseudonym` → the subject's state (failure counter, last
 //!   interaction), sealed under its DEK
@@ -12,10 +10,15 @@
 //!   index entry is, so that it can be removed without decrypting anything
 //! - `b'P' | bucket (u32 BE)` → empty: a revocation in that bucket awaits its shred
 //!
+//! Tree `keys`: `b'K' | bucket (u32 BE)` → the bucket's key table
+//! ([`DekTable`]): every subject's DEK in the bucket, wrapped under the
+//! bucket's KEK; a tree of its own, so that rewriting a table does not churn
+//! the leaves that hold records.
 //! Tree `meta`: `store-id` → the 16-byte store id, paired with the keyring's.
 //! Tree `audit`: the audit log (see `crate::audit`).
 //!
-//! Keys sort by bucket, so a rotation visits only its bucket's records.
+//! `Writes` spans both `records` and `keys`: sled has one log for all trees,
+//! so the write order holds across them.
 
 pub(crate) mod record;
 
@@ -125,7 +128,8 @@ pub(crate) fn parse_pending_key(k: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes(b))
 }
 
-/// Writes to the `records` tree, applied one by one in the order queued.
+/// Writes to the `records` and `keys` trees, applied one by one in the order
+/// queued.
 ///
 /// Not a `sled::Batch`: sled rolls its I/O buffer twice per batch (to pin the
 /// batch's log position), so every batch costs two buffer writes on sled's
@@ -135,19 +139,31 @@ pub(crate) fn parse_pending_key(k: &[u8]) -> Option<u32> {
 /// queues its writes so that every prefix is a state the store handles
 /// (SECURITY.md §7 lists the orders).
 #[derive(Default)]
-pub(crate) struct Writes(Vec<(sled::IVec, Option<sled::IVec>)>);
+pub(crate) struct Writes(Vec<(bool, sled::IVec, Option<sled::IVec>)>);
 
 impl Writes {
+    /// Queue an insert into the `records` tree.
     pub(crate) fn insert(&mut self, k: impl Into<sled::IVec>, v: impl Into<sled::IVec>) {
-        self.0.push((k.into(), Some(v.into())));
+        self.0.push((false, k.into(), Some(v.into())));
     }
 
+    /// Queue a removal from the `records` tree.
     pub(crate) fn remove(&mut self, k: impl Into<sled::IVec>) {
-        self.0.push((k.into(), None));
+        self.0.push((false, k.into(), None));
     }
 
-    pub(crate) fn apply(self, tree: &sled::Tree) -> Result<()> {
-        for (k, v) in self.0 {
+    /// Queue a bucket's key table (tree `keys`).
+    pub(crate) fn put_table(&mut self, bucket: u32, table: Vec<u8>) {
+        self.0.push((
+            true,
+            key_table_key(bucket).to_vec().into(),
+            Some(table.into()),
+        ));
+    }
+
+    pub(crate) fn apply(self, db: &Db) -> Result<()> {
+        for (keys, k, v) in self.0 {
+            let tree = if keys { &db.keys } else { &db.records };
             match v {
                 Some(v) => tree.insert(k, v)?,
                 None => tree.remove(k)?,
@@ -183,6 +199,9 @@ pub(crate) struct Db {
     pub(crate) records: sled::Tree,
     pub(crate) meta: sled::Tree,
     pub(crate) audit: sled::Tree,
+    /// Bucket key tables, apart from the records: a table is rewritten on
+    /// every rotation and new subject, and sled rewrites whole leaves.
+    pub(crate) keys: sled::Tree,
 }
 
 const STORE_ID_KEY: &[u8] = b"store-id";
@@ -195,11 +214,13 @@ impl Db {
         let records = db.open_tree("records")?;
         let meta = db.open_tree("meta")?;
         let audit = db.open_tree("audit")?;
+        let keys = db.open_tree("keys")?;
         Ok(Db {
             db,
             records,
             meta,
             audit,
+            keys,
         })
     }
 
