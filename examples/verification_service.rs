@@ -1,0 +1,236 @@
+//! A small HTTP verification service: how a real service links bioseal.
+//!
+//! ```sh
+//! cargo run --example verification_service -- 127.0.0.1:8080 /tmp/bioseal-demo
+//! ```
+//!
+//! One [`Store`] shared by every handler (`Arc`); its calls block (sled, and
+//! an fsync on enroll, revoke and failed verifies), so they run on tokio's
+//! blocking pool. Errors map to HTTP status codes. The request log holds the
+//! route, the status and the latency: never a subject id, an embedding or a
+//! score (bioseal has none to give).
+//!
+//! Routes (JSON in, JSON out):
+//! - `POST /enroll` `{subject, embedding, purposes, expires_unix, evidence_sha256}` → 201
+//! - `POST /verify` `{subject, purpose, embedding}` → 200 `{"decision": "match" | "no-match"}`
+//! - `POST /revoke` `{subject}` → 200 `{"shred": "shredded" | "pending"}`
+
+use axum::extract::{Json, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use bioseal::{
+    Consent, Decision, Embedding, Error, Purpose, RootKey, ShredStatus, Store, StoreConfig,
+    Threshold, Timestamp,
+};
+use serde::Deserialize;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The service's state: one store for every request.
+#[derive(Clone)]
+pub struct AppState {
+    store: Arc<Store>,
+}
+
+#[derive(Deserialize)]
+pub struct EnrollRequest {
+    subject: String,
+    embedding: Vec<f32>,
+    purposes: Vec<String>,
+    expires_unix: u64,
+    evidence_sha256: String,
+}
+
+#[derive(Deserialize)]
+pub struct VerifyRequest {
+    subject: String,
+    purpose: String,
+    embedding: Vec<f32>,
+}
+
+#[derive(Deserialize)]
+pub struct RevokeRequest {
+    subject: String,
+}
+
+/// An error response: a status and a message that never holds input data.
+pub struct ApiError(StatusCode, String, Option<u64>);
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        let status = match &e {
+            Error::NotEnrolled => StatusCode::NOT_FOUND,
+            Error::PurposeNotConsented => StatusCode::FORBIDDEN,
+            Error::ConsentExpired | Error::RetentionExpired => StatusCode::GONE,
+            Error::LockedOut { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Error::VerificationDisabled => StatusCode::LOCKED,
+            Error::InvalidEmbedding(_)
+            | Error::InvalidConsent(_)
+            | Error::InvalidSubject
+            | Error::TooManyTemplates { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let retry = match &e {
+            Error::LockedOut { until } => Some(until.unix_secs().saturating_sub(now_unix())),
+            _ => None,
+        };
+        // Internal errors (tampering, keys, storage) are for the operator's
+        // log, not for the client.
+        let message = if status == StatusCode::INTERNAL_SERVER_ERROR {
+            eprintln!("internal error: {e}");
+            "internal error".to_string()
+        } else {
+            e.to_string()
+        };
+        ApiError(status, message, retry)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Json(serde_json::json!({ "error": self.1 }));
+        match self.2 {
+            Some(secs) => (self.0, [(header::RETRY_AFTER, secs.to_string())], body).into_response(),
+            None => (self.0, body).into_response(),
+        }
+    }
+}
+
+fn bad_request(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::UNPROCESSABLE_ENTITY, msg.into(), None)
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Run a blocking store call on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|_| {
+        Err(ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error".into(),
+            None,
+        ))
+    })
+}
+
+fn purpose(name: &str) -> Result<Purpose, ApiError> {
+    Purpose::new(name.to_owned()).map_err(|e| bad_request(e.to_string()))
+}
+
+fn hex32(s: &str) -> Result<[u8; 32], ApiError> {
+    let bad = || bad_request("evidence_sha256 must be 64 hex digits");
+    if s.len() != 64 || !s.is_ascii() {
+        return Err(bad());
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    Ok(out)
+}
+
+async fn enroll(
+    State(st): State<AppState>,
+    Json(req): Json<EnrollRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    let purposes = req
+        .purposes
+        .iter()
+        .map(|p| purpose(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let consent = Consent::new(purposes)
+        .expires_at(Timestamp::from_unix_secs(req.expires_unix))
+        .evidence(hex32(&req.evidence_sha256)?);
+    let embedding = Embedding::new(req.embedding);
+    blocking(move || Ok(st.store.enroll(&req.subject, embedding, consent)?)).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({ "status": "enrolled" })),
+    ))
+}
+
+async fn verify(
+    State(st): State<AppState>,
+    Json(req): Json<VerifyRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    let purpose = purpose(&req.purpose)?;
+    let probe = Embedding::new(req.embedding);
+    let d = blocking(move || Ok(st.store.verify(&req.subject, &purpose, probe)?)).await?;
+    let decision = match d {
+        Decision::Match => "match",
+        Decision::NoMatch => "no-match",
+    };
+    Ok(Json(serde_json::json!({ "decision": decision })))
+}
+
+async fn revoke(
+    State(st): State<AppState>,
+    Json(req): Json<RevokeRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    let r = blocking(move || Ok(st.store.revoke(&req.subject)?)).await?;
+    let shred = match r.status {
+        ShredStatus::Shredded { .. } => "shredded",
+        ShredStatus::Pending => "pending",
+    };
+    Ok(Json(serde_json::json!({ "shred": shred })))
+}
+
+/// Log route, status and latency only.
+async fn log_requests(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let (method, path, t) = (
+        req.method().clone(),
+        req.uri().path().to_owned(),
+        Instant::now(),
+    );
+    let resp = next.run(req).await;
+    eprintln!(
+        "{method} {path} {} {:.1} ms",
+        resp.status().as_u16(),
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    resp
+}
+
+/// The service's routes over `store`.
+pub fn app(store: Arc<Store>) -> Router {
+    Router::new()
+        .route("/enroll", post(enroll))
+        .route("/verify", post(verify))
+        .route("/revoke", post(revoke))
+        .layer(axum::middleware::from_fn(log_requests))
+        .with_state(AppState { store })
+}
+
+#[allow(dead_code)] // the integration test includes this file for `app`
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let addr = args.next().unwrap_or_else(|| "127.0.0.1:8080".into());
+    let dir = args
+        .next()
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("bioseal-demo"));
+    // A demo key: a real service reads its root key from a 0600 file or a
+    // KeyProvider (HSM/KMS), never from code.
+    let store = Store::open(
+        StoreConfig::new(&dir, RootKey::from_bytes([7; 32]))
+            .model("demo", 512)
+            .threshold(Threshold::cosine(0.5)),
+    )?;
+    let listener = tokio::net::TcpListener::bind(&addr).await?;
+    eprintln!(
+        "listening on {} (store {})",
+        listener.local_addr()?,
+        dir.display()
+    );
+    axum::serve(listener, app(Arc::new(store))).await?;
+    Ok(())
+}
