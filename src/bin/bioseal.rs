@@ -363,7 +363,9 @@ fn run(cli: Cli) -> R<u8> {
             let (store, _) = open(&cli)?;
             let r = store.revoke(subject)?;
             match r.status {
-                ShredStatus::Shredded { at } => println!("revoked {subject}; shredded at {at}"),
+                ShredStatus::Shredded { at } => {
+                    println!("revoked {subject}; shredded at {}", when(at))
+                }
                 ShredStatus::Pending => println!("revoked {subject}; shred pending"),
             }
             Ok(0)
@@ -454,11 +456,11 @@ fn consent_cmd(cli: &Cli, action: &ConsentCmd) -> R<u8> {
             let purposes: Vec<&str> = s.purposes.iter().map(Purpose::as_str).collect();
             println!("purposes          {}", purposes.join(", "));
             if let Some(g) = s.granted_at {
-                println!("granted           {g}");
+                println!("granted           {}", when(g));
             }
-            println!("expires           {}", s.expires_at);
-            println!("last interaction  {}", s.last_interaction);
-            println!("deadline          {}", s.deadline);
+            println!("expires           {}", when(s.expires_at));
+            println!("last interaction  {}", when(s.last_interaction));
+            println!("deadline          {}", when(s.deadline));
             println!("policy version    {}", s.policy_version);
             if let Some(e) = s.evidence {
                 println!("evidence sha256   {}", hex(&e));
@@ -472,7 +474,7 @@ fn consent_cmd(cli: &Cli, action: &ConsentCmd) -> R<u8> {
         } => {
             let consent = consent_from(purposes, expires, &sha256_file(evidence)?)?;
             let s = store.renew_consent(subject, consent)?;
-            println!("renewed {subject}; deadline {}", s.deadline);
+            println!("renewed {subject}; deadline {}", when(s.deadline));
         }
         ConsentCmd::Withdraw { subject, purpose } => {
             let purpose = Purpose::new(purpose.clone()).map_err(|e| input(e.to_string()))?;
@@ -581,7 +583,7 @@ fn calibrate_cmd(cli: &Cli, pairs: &Path, target_fmr: f64, apply: bool) -> R<u8>
     println!("impostor pairs    {}", c.impostor_pairs);
     println!("target FMR        {:e}", c.target_fmr);
     println!("threshold         {} (cosine)", c.threshold.as_cosine());
-    println!("FMR at threshold  {:e}", c.fmr);
+    println!("FMR at threshold  {:.3e}", c.fmr);
     println!("FNMR at threshold {:.6}", c.fnmr);
     println!(
         "EER               {:.6} (at cosine {})",
@@ -820,6 +822,20 @@ fn days_to_civil(z: i64) -> (i64, u32, u32) {
     (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
+/// A timestamp as `YYYY-MM-DD HH:MM:SS UTC`.
+fn when(t: Timestamp) -> String {
+    let secs = t.unix_secs();
+    let days = i64::try_from(secs / 86_400).unwrap_or(i64::MAX / 2);
+    let (y, m, d) = days_to_civil(days);
+    let s = secs % 86_400;
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        s / 3600,
+        s / 60 % 60,
+        s % 60
+    )
+}
+
 fn sha256_file(path: &Path) -> R<[u8; 32]> {
     let bytes = std::fs::read(path).map_err(|e| input(format!("{}: {e}", path.display())))?;
     let d = ring::digest::digest(&ring::digest::SHA256, &bytes);
@@ -914,5 +930,17 @@ mod tests {
             assert!(parse_npy(&file(bad)).is_err(), "{bad}");
         }
         assert!(parse_npy(b"\x93NUMPY\x01").is_err());
+    }
+
+    #[test]
+    fn timestamps_print_as_utc_dates() {
+        assert_eq!(
+            when(Timestamp::from_unix_secs(0)),
+            "1970-01-01 00:00:00 UTC"
+        );
+        assert_eq!(
+            when(Timestamp::from_unix_secs(1_811_808_000 + 3_723)),
+            "2027-06-01 01:02:03 UTC"
+        );
     }
 }
