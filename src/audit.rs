@@ -262,11 +262,12 @@ impl Inner {
             std::mem::take(&mut self.queue.lock().unwrap_or_else(|e| e.into_inner()).entries);
         for segment in entries.chunks(SEGMENT) {
             let mut value = Vec::with_capacity(segment.len() * 160);
-            for e in segment {
+            let nonces = crate::crypto::random_nonces(segment.len())?;
+            for (e, nonce) in segment.iter().zip(&nonces) {
                 let body = codec()
                     .serialize(e)
                     .map_err(|_| Error::Config("audit entry encoding".into()))?;
-                let sealed = self.seal.seal(&entry_aad(e.seq), &body)?;
+                let sealed = self.seal.seal_with_nonce(nonce, &entry_aad(e.seq), &body)?;
                 let m = mac(&self.key, &chain, &sealed);
                 value.extend_from_slice(&((sealed.len() + MAC_LEN) as u32).to_be_bytes());
                 value.extend_from_slice(&sealed);

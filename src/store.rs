@@ -1211,10 +1211,11 @@ impl Store {
                 Kek::Found(d) => d,
                 Kek::Shredded | Kek::Unknown => Vec::new(),
             };
+        let nonces = crate::crypto::random_nonces(deks.len())?;
         let rewrapped = match self.keyring.with_kek(b, new_gen, |kek| {
             let mut out = DekTable::new(new_gen);
-            for (p, dek) in &deks {
-                let sealed = kek.seal(&dek_aad(&store_id, p, b, new_gen), dek)?;
+            for ((p, dek), nonce) in deks.iter().zip(&nonces) {
+                let sealed = kek.seal_with_nonce(nonce, &dek_aad(&store_id, p, b, new_gen), dek)?;
                 out.entries.push((p.0, to_wrapped(&sealed)?));
             }
             Ok::<_, Error>(out)

@@ -27,6 +27,18 @@ impl AeadKey {
     /// Seal `plaintext` under a fresh random nonce.
     pub(crate) fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>> {
         let nonce = super::random::<NONCE_LEN>()?;
+        self.seal_with_nonce(&nonce, aad, plaintext)
+    }
+
+    /// Seal under `nonce`, which the caller drew from the system RNG (one
+    /// draw for many nonces saves a system call per seal; see
+    /// [`super::random_nonces`]).
+    pub(crate) fn seal_with_nonce(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        aad: &[u8],
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>> {
         let mut out = Vec::with_capacity(plaintext.len() + OVERHEAD);
         out.extend_from_slice(nonce.as_ref());
         out.extend_from_slice(plaintext);
