@@ -469,14 +469,7 @@ impl Store {
         let now = self.clock.now();
         let mut due: BTreeMap<u32, Vec<(Pseudonym, u32)>> = BTreeMap::new();
         let mut examined = 0;
-        for kv in self
-            .db
-            .records
-            .range(&[b'D'][..]..&storage::deadline_scan_end(day_of(now.unix_secs()))[..])
-        {
-            let (k, _) = kv?;
-            let (day, b, p) =
-                storage::parse_deadline_key(&k).ok_or(Error::tampered("retention index"))?;
+        for (day, b, p) in self.due_index_entries(now)? {
             due.entry(b).or_default().push((p, day));
             examined += 1;
         }
@@ -538,6 +531,17 @@ impl Store {
         })
     }
 
+    /// Every retention-index entry (day, bucket, pseudonym) due by `now`'s day.
+    fn due_index_entries(&self, now: Timestamp) -> Result<Vec<(u32, u32, Pseudonym)>> {
+        let end = storage::deadline_scan_end(day_of(now.unix_secs()));
+        let mut out = Vec::new();
+        for kv in self.db.records.range(&[b'D'][..]..&end[..]) {
+            let (k, _) = kv?;
+            out.push(storage::parse_deadline_key(&k).ok_or(Error::tampered("retention index"))?);
+        }
+        Ok(out)
+    }
+
     /// Which of a bucket's due candidates are past their deadline (caller
     /// holds the bucket's lock). Cleans up index entries a crash left.
     fn sweep_bucket(
@@ -582,14 +586,7 @@ impl Store {
         let now = self.clock.now();
         let mut seen = std::collections::HashSet::new();
         let mut n = 0;
-        for kv in self
-            .db
-            .records
-            .range(&[b'D'][..]..&storage::deadline_scan_end(day_of(now.unix_secs()))[..])
-        {
-            let (k, _) = kv?;
-            let (_, b, p) =
-                storage::parse_deadline_key(&k).ok_or(Error::tampered("retention index"))?;
+        for (_, b, p) in self.due_index_entries(now)? {
             if !seen.insert((b, p.0)) {
                 continue;
             }

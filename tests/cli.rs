@@ -114,6 +114,32 @@ fn assert_error(o: &Out, code: i32, needle: &str) {
     assert!(o.stderr.contains(needle), "{needle:?} in {:?}", o.stderr);
 }
 
+impl Cli {
+    /// `bioseal enroll` for `subject` with one purpose.
+    fn enroll(
+        &self,
+        subject: &str,
+        embedding: &str,
+        purpose: &str,
+        expires: &str,
+        evidence: &str,
+    ) -> Out {
+        self.run(&[
+            "enroll",
+            "--subject",
+            subject,
+            "--embedding",
+            embedding,
+            "--purpose",
+            purpose,
+            "--expires",
+            expires,
+            "--evidence",
+            evidence,
+        ])
+    }
+}
+
 fn enroll_alice(cli: &Cli, v: &[f32]) {
     let e = cli.json("alice.json", v);
     let ev = cli.file("release.pdf", b"signed consent release");
@@ -315,19 +341,7 @@ fn bad_input_is_refused_and_leaves_the_store_unchanged() {
                 ])
             } else {
                 let ev = cli.file("ev.pdf", b"release");
-                cli.run(&[
-                    "enroll",
-                    "--subject",
-                    "bob",
-                    "--embedding",
-                    file,
-                    "--purpose",
-                    "identity-verification",
-                    "--expires",
-                    "30d",
-                    "--evidence",
-                    &ev,
-                ])
+                cli.enroll("bob", file, "identity-verification", "30d", &ev)
             };
             assert_error(&o, *code, needle);
         }
@@ -352,34 +366,10 @@ fn bad_input_is_refused_and_leaves_the_store_unchanged() {
     );
     assert_error(&o, 7, "root key");
     // Missing evidence file, bad expiry.
-    let o = cli.run(&[
-        "enroll",
-        "--subject",
-        "bob",
-        "--embedding",
-        &probe,
-        "--purpose",
-        "p",
-        "--expires",
-        "30d",
-        "--evidence",
-        "/nonexistent/release.pdf",
-    ]);
+    let o = cli.enroll("bob", &probe, "p", "30d", "/nonexistent/release.pdf");
     assert_error(&o, 3, "release.pdf");
     let ev = cli.file("ev2.pdf", b"release");
-    let o = cli.run(&[
-        "enroll",
-        "--subject",
-        "bob",
-        "--embedding",
-        &probe,
-        "--purpose",
-        "p",
-        "--expires",
-        "2027-02-30",
-        "--evidence",
-        &ev,
-    ]);
+    let o = cli.enroll("bob", &probe, "p", "2027-02-30", &ev);
     assert_error(&o, 3, "--expires");
     assert!(read_all_files(&cli.store) == before, "the store changed");
     // A missing argument is a usage error (clap, exit 2).
