@@ -5,7 +5,8 @@
 //!
 //! `BIOSEAL_PERF_SUBJECTS` sets the population (default 10,000; the
 //! documented long run uses 1,000,000) and `BIOSEAL_PERF_OPS` the operations
-//! timed per row (default 2,000). Both stores are populated in bulk (bioseal:
+//! timed per row (default 2,000); `BIOSEAL_PERF_CACHE_MB` sets sled's cache
+//! (`StoreConfig::cache_bytes`, default 1024). Both stores are populated in bulk (bioseal:
 //! `Store::enroll_many`, one sync per 10,000; the peer: one transaction per
 //! 10,000), with every 100th subject's consent expiring after one day, so
 //! that the last row sweeps 1% of the population two days later.
@@ -65,6 +66,7 @@ fn main() -> Result<(), Error> {
         StoreConfig::new(dirs.0.path(), RootKey::from_bytes([3; 32]))
             .model("bench", DIM)
             .threshold(Threshold::cosine(THRESHOLD))
+            .cache_bytes(env("BIOSEAL_PERF_CACHE_MB", 1024) as u64 * (1 << 20))
             .clock(clock.clone()),
     )?;
     let peer_path = dirs.1.path().join("peer.db");

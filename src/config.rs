@@ -11,6 +11,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// sled's default page-cache size.
+const DEFAULT_CACHE_BYTES: u64 = 1 << 30;
+
 /// Default bucket count: a revocation re-wraps about N/4096 live DEKs.
 pub const DEFAULT_BUCKETS: u32 = 4096;
 /// Default maximum number of templates per subject.
@@ -113,6 +116,7 @@ pub struct StoreConfig {
     pub(crate) max_inactivity: Duration,
     pub(crate) pad: bool,
     pub(crate) durability: Durability,
+    pub(crate) cache_bytes: u64,
 }
 
 impl StoreConfig {
@@ -132,6 +136,7 @@ impl StoreConfig {
             max_inactivity: DEFAULT_MAX_INACTIVITY,
             pad: false,
             durability: Durability::default(),
+            cache_bytes: DEFAULT_CACHE_BYTES,
         }
     }
 
@@ -191,6 +196,15 @@ impl StoreConfig {
     /// [`AttemptPolicy::NIST_WITH_PAD`].
     pub fn presentation_attack_detection(mut self, attested: bool) -> Self {
         self.pad = attested;
+        self
+    }
+
+    /// Memory for sled's page cache (default 1 GiB, sled's own default).
+    /// A store whose records exceed it reads from the operating system's
+    /// page cache instead: at a million 512-d subjects (~1.4 GB) verify is
+    /// measurably slower with the default.
+    pub fn cache_bytes(mut self, bytes: u64) -> Self {
+        self.cache_bytes = bytes;
         self
     }
 

@@ -54,7 +54,7 @@ pub struct RawSubjectRecord {
 /// open, and sled may update its own bookkeeping files, so point this at a
 /// copy when the bytes must stay as they are.
 pub fn subject_records(dir: impl AsRef<Path>) -> Result<Vec<RawSubjectRecord>> {
-    let db = Db::open(&dir.as_ref().join("db"))?;
+    let db = Db::open(&dir.as_ref().join("db"), 64 << 20)?;
     let store_id = db.store_id()?.ok_or(Error::tampered("store id record"))?;
     let mut out = Vec::new();
     for kv in db.records.scan_prefix([b'S']) {

@@ -180,7 +180,7 @@ impl Store {
         }
         // bioseal's own flusher (below) replaces sled's, so that queued audit
         // entries and sled's log are flushed together.
-        let db = Db::open(&dbpath)?;
+        let db = Db::open(&dbpath, config.cache_bytes)?;
         match db.store_id()? {
             Some(id) if id == h.store_id => {}
             Some(_) => return Err(Error::StoreMismatch),

@@ -178,10 +178,15 @@ impl Writes {
 /// after the previous handle is dropped; so a lock conflict is retried for up
 /// to a second before it is reported (a store really open elsewhere still
 /// fails, just a second later).
-fn open_sled(path: &Path) -> Result<sled::Db> {
+fn open_sled(path: &Path, cache_bytes: u64) -> Result<sled::Db> {
     let mut tries = 0;
     loop {
-        match sled::Config::new().path(path).flush_every_ms(None).open() {
+        match sled::Config::new()
+            .path(path)
+            .flush_every_ms(None)
+            .cache_capacity(cache_bytes)
+            .open()
+        {
             Err(sled::Error::Io(e))
                 if tries < 50 && e.to_string().contains("could not acquire lock") =>
             {
@@ -209,8 +214,8 @@ const STORE_ID_KEY: &[u8] = b"store-id";
 impl Db {
     /// Open sled at `path`, without sled's own background flusher: the
     /// store flushes (see `Durability`).
-    pub(crate) fn open(path: &Path) -> Result<Db> {
-        let db = open_sled(path)?;
+    pub(crate) fn open(path: &Path, cache_bytes: u64) -> Result<Db> {
+        let db = open_sled(path, cache_bytes)?;
         let records = db.open_tree("records")?;
         let meta = db.open_tree("meta")?;
         let audit = db.open_tree("audit")?;
