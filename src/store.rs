@@ -974,24 +974,11 @@ impl Store {
         now: Timestamp,
         entry: AuditEntry,
     ) -> Result<()> {
-        self.stage_subject(p, b, l, reseal, now, entry)?;
-        self.flush()
-    }
-
-    /// [`Store::commit_subject`] without the flush.
-    fn stage_subject(
-        &self,
-        p: &Pseudonym,
-        b: u32,
-        l: &Loaded,
-        reseal: bool,
-        now: Timestamp,
-        entry: AuditEntry,
-    ) -> Result<()> {
         let mut w = Writes::default();
         self.put_subject(&mut w, p, b, l, reseal)?;
         w.apply(&self.db)?;
-        self.log(now, entry.subject(p).outcome(AuditOutcome::Ok))
+        self.log(now, entry.subject(p).outcome(AuditOutcome::Ok))?;
+        self.flush()
     }
 
     /// A live subject listed under `day` whose index pointer names another
