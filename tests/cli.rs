@@ -115,6 +115,19 @@ fn assert_error(o: &Out, code: i32, needle: &str) {
 }
 
 impl Cli {
+    /// `bioseal verify`.
+    fn verify(&self, subject: &str, purpose: &str, embedding: &str) -> Out {
+        self.run(&[
+            "verify",
+            "--subject",
+            subject,
+            "--purpose",
+            purpose,
+            "--embedding",
+            embedding,
+        ])
+    }
+
     /// `bioseal enroll` for `subject` with one purpose.
     fn enroll(
         &self,
@@ -185,36 +198,12 @@ fn enroll_verify_consent_revoke_stats_and_audit() {
     enroll_alice(&cli, &alice);
 
     let genuine = cli.file("probe.npy", &npy(&rng.noisy(&alice, 0.2)));
-    let o = cli.run(&[
-        "verify",
-        "--subject",
-        "alice",
-        "--purpose",
-        "identity-verification",
-        "--embedding",
-        &genuine,
-    ]);
+    let o = cli.verify("alice", "identity-verification", &genuine);
     assert_eq!((o.code, o.stdout.trim()), (0, "match"), "{}", o.stderr);
     let impostor = cli.json("impostor.json", &rng.unit(DIM));
-    let o = cli.run(&[
-        "verify",
-        "--subject",
-        "alice",
-        "--purpose",
-        "identity-verification",
-        "--embedding",
-        &impostor,
-    ]);
+    let o = cli.verify("alice", "identity-verification", &impostor);
     assert_eq!((o.code, o.stdout.trim()), (1, "no-match"), "{}", o.stderr);
-    let o = cli.run(&[
-        "verify",
-        "--subject",
-        "alice",
-        "--purpose",
-        "marketing",
-        "--embedding",
-        &genuine,
-    ]);
+    let o = cli.verify("alice", "marketing", &genuine);
     assert_error(&o, 5, "purpose");
 
     let o = cli.run(&["consent", "show", "--subject", "alice"]);
@@ -280,15 +269,7 @@ fn enroll_verify_consent_revoke_stats_and_audit() {
     let o = cli.run(&["revoke", "--subject", "alice"]);
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert!(o.stdout.contains("shredded"), "{}", o.stdout);
-    let o = cli.run(&[
-        "verify",
-        "--subject",
-        "alice",
-        "--purpose",
-        "identity-verification",
-        "--embedding",
-        &genuine,
-    ]);
+    let o = cli.verify("alice", "identity-verification", &genuine);
     assert_error(&o, 4, "not enrolled");
     let o = cli.run(&["revoke", "--subject", "alice"]);
     assert_error(&o, 4, "not enrolled");
@@ -330,15 +311,7 @@ fn bad_input_is_refused_and_leaves_the_store_unchanged() {
     for (file, code, needle) in &cases {
         for cmd in ["verify", "enroll"] {
             let o = if cmd == "verify" {
-                cli.run(&[
-                    "verify",
-                    "--subject",
-                    "alice",
-                    "--purpose",
-                    "identity-verification",
-                    "--embedding",
-                    file,
-                ])
+                cli.verify("alice", "identity-verification", file)
             } else {
                 let ev = cli.file("ev.pdf", b"release");
                 cli.enroll("bob", file, "identity-verification", "30d", &ev)
