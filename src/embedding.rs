@@ -82,6 +82,12 @@ impl Embedding {
     }
 
     /// The L2 norm, after the checks of [`Embedding::check`].
+    ///
+    /// One pass: the square of a finite `f32` is finite in `f64`, and so is
+    /// a sum of up to [`MAX_DIMENSION`] of them, so the sum is finite exactly
+    /// when every component is. Eight independent accumulators let the
+    /// loop vectorise (the order of additions moves the norm by an ulp at
+    /// most, far below the quantisation step).
     fn norm(&self, dim: usize) -> Result<f64, EmbeddingError> {
         let v = &self.values;
         if v.len() != dim {
@@ -90,16 +96,23 @@ impl Embedding {
                 got: v.len(),
             });
         }
-        if !v.iter().all(|x| x.is_finite()) {
+        let mut acc = [0f64; 8];
+        let chunks = v.chunks_exact(8);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for (a, &x) in acc.iter_mut().zip(c) {
+                *a += f64::from(x) * f64::from(x);
+            }
+        }
+        for (a, &x) in acc.iter_mut().zip(tail) {
+            *a += f64::from(x) * f64::from(x);
+        }
+        let sum: f64 = acc.iter().sum();
+        if !sum.is_finite() {
             return Err(EmbeddingError::NonFinite);
         }
-        let norm = v
-            .iter()
-            .map(|&x| f64::from(x) * f64::from(x))
-            .sum::<f64>()
-            .sqrt();
-        // is_finite also rejects a NaN norm, which finite inputs cannot produce.
-        if !norm.is_finite() || norm < MIN_NORM {
+        let norm = sum.sqrt();
+        if norm < MIN_NORM {
             return Err(EmbeddingError::NearZero);
         }
         Ok(norm)
@@ -136,9 +149,11 @@ impl fmt::Debug for Embedding {
 /// magnitude (adding 0.5 instead is not: 0.49999999999999994 + 0.5 == 1.0).
 #[inline]
 fn round_to_i16(y: f64) -> i16 {
-    let t = y as i16;
+    // Through i32, which vectorises (a saturating cast to i16 does not);
+    // |y| <= 2^14, so both casts are exact.
+    let t = y as i32;
     let frac = y - f64::from(t);
-    t + i16::from(frac >= 0.5) - i16::from(frac <= -0.5)
+    (t + i32::from(frac >= 0.5) - i32::from(frac <= -0.5)) as i16
 }
 
 /// A quantised, L2-normalised template. Crate-private: it never leaves bioseal.
@@ -258,6 +273,22 @@ mod tests {
             "huge but finite values normalise"
         );
         assert_eq!(q(vec![f32::MIN_POSITIVE; 4]), Err(EmbeddingError::NearZero));
+    }
+
+    #[test]
+    fn one_pass_norm_finds_every_non_finite_position() {
+        // 13 components: one full chunk of eight and a tail of five.
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for i in 0..13 {
+                let mut v = vec![0.5f32; 13];
+                v[i] = bad;
+                let r = Embedding::new(v).quantize(13).map(|_| ());
+                assert_eq!(r, Err(EmbeddingError::NonFinite), "{bad} at {i}");
+            }
+        }
+        // The largest finite values at the largest dimension stay finite.
+        let r = Embedding::new(vec![f32::MAX; MAX_DIMENSION]).quantize(MAX_DIMENSION);
+        assert!(r.is_ok());
     }
 
     #[test]
