@@ -134,6 +134,9 @@ struct Loaded {
     dek: Zeroizing<[u8; 32]>,
     payload: SubjectPayload,
     state: SubjectState,
+    /// The payload as sealed on disk (empty for a subject not yet written),
+    /// kept so that a state change rewrites it without re-sealing.
+    sealed_payload: Vec<u8>,
 }
 
 impl Store {
@@ -316,6 +319,7 @@ impl Store {
             dek,
             payload,
             state,
+            sealed_payload: Vec::new(),
         };
         self.put_subject(&mut w, &p, b, &l, true)?;
         w.apply(&self.db)?;
@@ -903,31 +907,27 @@ impl Store {
         let dek = self.unwrap_dek(p, b, generation, &wrapped)?;
         let dek_key = AeadKey::new(&dek);
         let payload = self.open_payload(p, &dek_key, &rec)?;
-        let sealed = self
-            .db
-            .records
-            .get(storage::state_key(b, p))?
-            .ok_or(Error::tampered("subject state (missing)"))?;
         let plain = dek_key
-            .open(&state_aad(&self.keyring.header().store_id, p), &sealed)
+            .open(&state_aad(&self.keyring.header().store_id, p), &rec.state)
             .map_err(|_| Error::tampered("subject state"))?;
         let state = SubjectState::decode(&plain)?;
         Ok(Some(Loaded {
             dek,
             payload,
             state,
+            sealed_payload: rec.payload,
         }))
     }
 
-    /// Queue the writes of a subject: its record (re-sealing the payload
-    /// when `reseal`), its sealed state, and its retention-index entry.
+    /// Queue the writes of a subject: its record (payload re-sealed when
+    /// `reseal`, else kept as loaded; state always re-sealed) and its
+    /// retention-index entry.
     ///
     /// Order (every prefix is a state the store handles): the new index
     /// entry first, so that the index never lists a subject later than its
-    /// deadline; the state before the record, so that a new subject's record
-    /// never exists without its state; then the index pointer, and last the
-    /// removal of the old index entry. A crash can leave an index entry that
-    /// no pointer names; [`Store::sweep`] removes it when it visits it.
+    /// deadline; then the record, the index pointer, and last the removal of
+    /// the old index entry. A crash can leave an index entry that no pointer
+    /// names; [`Store::sweep`] removes it when it visits it.
     fn put_subject(
         &self,
         w: &mut Writes,
@@ -944,16 +944,16 @@ impl Store {
         if old != Some(day) {
             w.insert(&storage::deadline_key(day, b, p)[..], &[][..]);
         }
-        w.insert(
-            &storage::state_key(b, p)[..],
-            key.seal(&state_aad(&store_id, p), &l.state.encode()?)?,
-        );
-        if reseal {
-            let rec = SubjectRecord {
-                payload: key.seal(&payload_aad(&store_id, p), &l.payload.encode()?)?,
-            };
-            w.insert(&storage::subject_key(b, p)[..], rec.encode());
-        }
+        let payload = if reseal || l.sealed_payload.is_empty() {
+            key.seal(&payload_aad(&store_id, p), &l.payload.encode()?)?
+        } else {
+            l.sealed_payload.clone()
+        };
+        let rec = SubjectRecord {
+            payload,
+            state: key.seal(&state_aad(&store_id, p), &l.state.encode()?)?,
+        };
+        w.insert(&storage::subject_key(b, p)[..], rec.encode());
         if old != Some(day) {
             w.insert(&ptr[..], &day.to_be_bytes()[..]);
             if let Some(old) = old {
@@ -1010,7 +1010,6 @@ impl Store {
     /// (once it is gone, the subject is unknown; what follows is cleanup).
     fn remove_subject(&self, w: &mut Writes, b: u32, p: &Pseudonym) -> Result<()> {
         w.remove(&storage::subject_key(b, p)[..]);
-        w.remove(&storage::state_key(b, p)[..]);
         self.remove_index(w, b, p)
     }
 
@@ -1488,11 +1487,6 @@ mod tests {
             let (p1, b, key) = store.locate("s1");
             store.keyring.begin_rotation(b).expect("begin");
             store.db.records.remove(key).expect("remove");
-            store
-                .db
-                .records
-                .remove(storage::state_key(b, &p1))
-                .expect("remove");
             p1
             // "crash": drop with the rotation unfinished
         };

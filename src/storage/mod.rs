@@ -1,9 +1,8 @@
 //! On-disk records and the sled trees that hold them.
 //!
 //! Tree `records`:
-//! - `b'S' | bucket (u32 BE) | pseudonym (32)` → [`SubjectRecord`]
-//! - `b'T' | bucket | pseudonym` → the subject's state (failure counter, last
-//!   interaction), sealed under its DEK
+//! - `b'S' | bucket (u32 BE) | pseudonym (32)` → [`SubjectRecord`]: the
+//!   subject's payload and state, each sealed under its DEK
 //! - `b'D' | deadline day (u32 BE) | bucket | pseudonym` → empty: the
 //!   retention index, so that a sweep visits only subjects due by that day
 //! - `b'd' | bucket | pseudonym` → deadline day (u32 BE): where the subject's
@@ -30,7 +29,6 @@ pub(crate) use record::{DekTable, SubjectPayload, SubjectRecord, SubjectState};
 
 const SUBJECT: u8 = b'S';
 const KEY_TABLE: u8 = b'K';
-const STATE: u8 = b'T';
 const DEADLINE: u8 = b'D';
 const DEADLINE_PTR: u8 = b'd';
 const PENDING: u8 = b'P';
@@ -41,11 +39,6 @@ fn bucket_pseudonym_key(tag: u8, bucket: u32, p: &Pseudonym) -> [u8; 37] {
     k[1..5].copy_from_slice(&bucket.to_be_bytes());
     k[5..].copy_from_slice(&p.0);
     k
-}
-
-/// Key of a subject's sealed state.
-pub(crate) fn state_key(bucket: u32, p: &Pseudonym) -> [u8; 37] {
-    bucket_pseudonym_key(STATE, bucket, p)
 }
 
 /// Key of a subject's pointer to its retention-index entry.

@@ -1,12 +1,18 @@
 //! Subject records and bucket key tables.
 //!
-//! A subject record is a fixed envelope around a sealed, bincode-encoded
-//! payload:
+//! A subject record is a fixed envelope around two values sealed under the
+//! subject's DEK: the bincode-encoded payload (consent and templates) and the
+//! state (failure counter, last failure, last interaction). One record, so
+//! that a verify reads one value; a state change rewrites the record with
+//! the payload's sealed bytes unchanged.
 //!
 //! ```text
-//! 0        format version (2)
-//! 1..      payload: nonce 12 | AES-256-GCM_DEK(bincode(SubjectPayload)) | tag 16
+//! 0        format version (3)
+//! 1..5     payload length L (u32 BE), at least 28
+//! 5..5+L   payload: nonce 12 | AES-256-GCM_DEK(bincode(SubjectPayload)) | tag 16
 //!          associated data "bioseal/v1/subject" | store id | pseudonym | format version
+//! 5+L..    state: nonce 12 | AES-256-GCM_DEK(SubjectState) | tag 16
+//!          associated data "bioseal/v1/state" | store id | pseudonym
 //! ```
 //!
 //! The subject's DEK is not in its record but in its bucket's key table, one
@@ -30,7 +36,8 @@ use bincode::Options;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-pub(crate) const RECORD_VERSION: u8 = 2;
+pub(crate) const RECORD_VERSION: u8 = 3;
+const RECORD_HEAD: usize = 1 + 4;
 pub(crate) const WRAPPED_DEK_LEN: usize = 32 + OVERHEAD;
 const TABLE_VERSION: u8 = 1;
 const TABLE_HEAD: usize = 1 + 8;
@@ -38,29 +45,43 @@ const ENTRY_LEN: usize = 32 + WRAPPED_DEK_LEN;
 /// Upper bound on a decoded payload (64 templates of 4096 dimensions fit).
 const MAX_PAYLOAD: u64 = 1 << 20;
 
-/// The outer, non-secret envelope of a subject record.
+/// The outer, non-secret envelope of a subject record: its two sealed
+/// values, not decrypted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct SubjectRecord {
     pub(crate) payload: Vec<u8>,
+    pub(crate) state: Vec<u8>,
 }
 
 impl SubjectRecord {
     pub(crate) fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(1 + self.payload.len());
+        let mut v = Vec::with_capacity(RECORD_HEAD + self.payload.len() + self.state.len());
         v.push(RECORD_VERSION);
+        // A payload is at most MAX_PAYLOAD plus the AEAD overhead.
+        v.extend_from_slice(&(self.payload.len() as u32).to_be_bytes());
         v.extend_from_slice(&self.payload);
+        v.extend_from_slice(&self.state);
         v
     }
 
     pub(crate) fn decode(bytes: &[u8]) -> Result<Self> {
-        if bytes.len() < 1 + OVERHEAD {
+        if bytes.len() < RECORD_HEAD + 2 * OVERHEAD {
             return Err(Error::tampered("subject record (too short)"));
         }
         if bytes[0] != RECORD_VERSION {
             return Err(Error::tampered("subject record (unknown format version)"));
         }
+        let mut l = [0u8; 4];
+        l.copy_from_slice(&bytes[1..RECORD_HEAD]);
+        let l = u32::from_be_bytes(l) as usize;
+        let rest = &bytes[RECORD_HEAD..];
+        if l < OVERHEAD || rest.len() < l.saturating_add(OVERHEAD) {
+            return Err(Error::tampered("subject record (payload length)"));
+        }
+        let (payload, state) = rest.split_at(l);
         Ok(SubjectRecord {
-            payload: bytes[1..].to_vec(),
+            payload: payload.to_vec(),
+            state: state.to_vec(),
         })
     }
 }
@@ -277,21 +298,33 @@ mod tests {
     use crate::consent::Purpose;
 
     #[test]
-    fn record_roundtrip_and_short_input() {
+    fn record_roundtrip_and_malformed_input() {
         let r = SubjectRecord {
             payload: vec![9u8; 40],
+            state: vec![8u8; 30],
         };
         let e = r.encode();
+        assert_eq!(e.len(), RECORD_HEAD + 70);
         assert_eq!(SubjectRecord::decode(&e).expect("decode"), r);
-        for n in 0..1 + OVERHEAD {
+        // Every truncation that leaves the state shorter than a seal fails.
+        for n in 0..RECORD_HEAD + 40 + OVERHEAD {
             assert!(SubjectRecord::decode(&e[..n]).is_err(), "length {n}");
         }
         let mut v2 = e.clone();
-        v2[0] = 1;
+        v2[0] = 2;
         assert!(matches!(
             SubjectRecord::decode(&v2),
             Err(Error::Tampered { .. })
         ));
+        // Payload lengths below a seal, or past the end, are refused.
+        for l in [0u32, 27, 43, u32::MAX] {
+            let mut v = e.clone();
+            v[1..RECORD_HEAD].copy_from_slice(&l.to_be_bytes());
+            assert!(
+                matches!(SubjectRecord::decode(&v), Err(Error::Tampered { .. })),
+                "length field {l}"
+            );
+        }
     }
 
     #[test]
