@@ -199,6 +199,9 @@ impl fmt::Debug for AuditLog {
 
 /// Entries per sled value.
 const SEGMENT: usize = 256;
+/// Queued entries at which `append` asks the flusher to drain, so that the
+/// sealing and MAC work runs off the caller's thread.
+pub(crate) const WAKE_AT: usize = 1024;
 /// Queued entries that make `append` drain by itself (the flusher normally
 /// drains first).
 const QUEUE_LIMIT: usize = 8192;
@@ -323,20 +326,21 @@ impl AuditLog {
 
     /// Append an entry (time and sequence number are filled in). Queued;
     /// written by the next drain and durable at the next flush (see
-    /// `Durability`).
-    pub(crate) fn append(&self, time: Timestamp, mut entry: AuditEntry) -> Result<()> {
-        let full = {
+    /// `Durability`). Returns true when the queue has just reached the mark
+    /// at which the flusher should drain it.
+    pub(crate) fn append(&self, time: Timestamp, mut entry: AuditEntry) -> Result<bool> {
+        let len = {
             let mut q = self.inner.queue.lock().unwrap_or_else(|e| e.into_inner());
             entry.seq = q.next_seq;
             entry.time = time;
             q.next_seq += 1;
             q.entries.push(entry);
-            q.entries.len() >= QUEUE_LIMIT
+            q.entries.len()
         };
-        if full {
+        if len >= QUEUE_LIMIT {
             self.inner.drain()?;
         }
-        Ok(())
+        Ok(len == WAKE_AT)
     }
 
     /// The drainer, for the store's flusher thread and its flushes.

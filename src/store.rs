@@ -198,16 +198,28 @@ impl Store {
                 let (drainer, sled_db) = (audit.inner(), db.db.clone());
                 let handle = std::thread::Builder::new()
                     .name("bioseal-flusher".into())
-                    .spawn(move || loop {
-                        let stop = !matches!(
-                            rx.recv_timeout(interval),
-                            Err(std::sync::mpsc::RecvTimeoutError::Timeout)
-                        );
-                        // Errors surface at the next explicit flush.
-                        let _ = drainer.drain();
-                        let _ = sled_db.flush();
-                        if stop {
-                            break;
+                    .spawn(move || {
+                        // A message asks for a drain only (the queue is
+                        // filling); the interval's timeout drains and flushes;
+                        // the store dropping the sender stops the thread
+                        // after a last drain and flush. Errors surface at the
+                        // next explicit flush.
+                        let mut due = std::time::Instant::now() + interval;
+                        loop {
+                            let wait = due.saturating_duration_since(std::time::Instant::now());
+                            match rx.recv_timeout(wait) {
+                                Ok(()) => {
+                                    let _ = drainer.drain();
+                                }
+                                Err(e) => {
+                                    let _ = drainer.drain();
+                                    let _ = sled_db.flush();
+                                    if e == std::sync::mpsc::RecvTimeoutError::Disconnected {
+                                        break;
+                                    }
+                                    due = std::time::Instant::now() + interval;
+                                }
+                            }
                         }
                     })?;
                 Some((tx, handle))
@@ -856,7 +868,13 @@ impl Store {
     }
 
     fn log(&self, now: Timestamp, e: AuditEntry) -> Result<()> {
-        self.audit.append(now, e)
+        if self.audit.append(now, e)? {
+            if let Some((tx, _)) = &self.flusher {
+                // The flusher is gone only while the store is dropped.
+                let _ = tx.send(());
+            }
+        }
+        Ok(())
     }
 
     /// Finish what a crash interrupted: half-done rotations, and (with
@@ -1515,5 +1533,47 @@ mod tests {
         populate(&store, 1);
         let second = store.test_dek("s0").expect("dek");
         assert_ne!(*first, *second);
+    }
+
+    /// The flusher drains the audit queue when it reaches the wake mark,
+    /// long before its interval, so that callers do not seal and MAC
+    /// entries themselves.
+    #[test]
+    fn a_filling_audit_queue_wakes_the_flusher() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(config(dir.path(), ShredPolicy::Immediate).durability(
+            Durability::GroupCommit {
+                interval: std::time::Duration::from_secs(60),
+            },
+        ))
+        .expect("open");
+        populate(&store, 1);
+        let verify = || {
+            let d = store.verify(
+                "s0",
+                &Purpose::IDENTITY_VERIFICATION,
+                Embedding::new(vec_for(0)),
+            );
+            assert_eq!(d.expect("verify"), Decision::Match);
+        };
+        let stored = store.db.audit.len();
+        for _ in 1..crate::audit::WAKE_AT {
+            verify();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert_eq!(
+            store.db.audit.len(),
+            stored,
+            "nothing drains below the mark"
+        );
+        verify();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while store.db.audit.len() == stored && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(
+            store.db.audit.len() > stored,
+            "the flusher drained at the mark"
+        );
     }
 }
