@@ -6,10 +6,12 @@
 //! `BIOSEAL_PERF_SUBJECTS` sets the population (default 10,000; the
 //! documented long run uses 1,000,000) and `BIOSEAL_PERF_OPS` the operations
 //! timed per row (default 2,000); `BIOSEAL_PERF_CACHE_MB` sets sled's cache
-//! (`StoreConfig::cache_bytes`, default 1024). Both stores are populated in bulk (bioseal:
-//! `Store::enroll_many`, one sync per 10,000; the peer: one transaction per
-//! 10,000), with every 100th subject's consent expiring after one day, so
-//! that the last row sweeps 1% of the population two days later.
+//! (`StoreConfig::cache_bytes`, default 1024) and `BIOSEAL_PERF_BUCKETS` the
+//! store's bucket count (default 4,096, bioseal's default). Both stores are
+//! populated in bulk (bioseal: `Store::enroll_many`, one sync per 10,000; the
+//! peer: one transaction per 10,000), with every 100th subject's consent
+//! expiring after one day, so that the last row sweeps 1% of the population
+//! two days later.
 
 #[path = "../benches/common/mod.rs"]
 mod common;
@@ -67,6 +69,7 @@ fn main() -> Result<(), Error> {
             .model("bench", DIM)
             .threshold(Threshold::cosine(THRESHOLD))
             .cache_bytes(env("BIOSEAL_PERF_CACHE_MB", 1024) as u64 * (1 << 20))
+            .buckets(env("BIOSEAL_PERF_BUCKETS", bioseal::DEFAULT_BUCKETS as usize) as u32)
             .clock(clock.clone()),
     )?;
     let peer_path = dirs.1.path().join("peer.db");
@@ -117,7 +120,10 @@ fn main() -> Result<(), Error> {
         f();
         t.elapsed()
     };
-    println!("{n} subjects, {DIM} dimensions, {ops} operations per row, 2 cores");
+    println!(
+        "{n} subjects, {} buckets, {DIM} dimensions, {ops} operations per row, 2 cores",
+        env("BIOSEAL_PERF_BUCKETS", bioseal::DEFAULT_BUCKETS as usize)
+    );
     println!("| operation              | bioseal p50 | bioseal p99 | peer p50   | peer p99   | peer/ours |");
     println!("|------------------------|------------:|------------:|-----------:|-----------:|----------:|");
     // Hot cache: every subject the verify rows time is verified once first,
@@ -203,16 +209,28 @@ fn main() -> Result<(), Error> {
         });
         (threads * per) as f64 / t.elapsed().as_secs_f64()
     };
-    let (mut one, mut two) = (Vec::new(), Vec::new());
+    // The peer's throughput, on one thread (one connection), the same way.
+    let mut run_peer = || -> Result<f64, Error> {
+        let per = ops * 20;
+        let t = Instant::now();
+        for j in 0..per {
+            let i = j % (n / 2);
+            p.verify(&ids[i], &probes[i]).map_err(peer_err)?;
+        }
+        Ok(per as f64 / t.elapsed().as_secs_f64())
+    };
+    let (mut one, mut two, mut peer_one) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..3 {
         one.push(run(1));
         two.push(run(2));
+        peer_one.push(run_peer()?);
     }
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[1]
     };
     let per_sec = [median(one), median(two)];
+    let peer_per_sec = median(peer_one);
     println!(
         "\nbioseal verify throughput: 1 thread {:.0}/s, 2 threads {:.0}/s ({:.2}x)",
         per_sec[0],
@@ -220,7 +238,9 @@ fn main() -> Result<(), Error> {
         per_sec[1] / per_sec[0]
     );
     println!(
-        "verify throughput vs peer (1 thread, from the medians): {:.1}x",
+        "peer verify throughput, 1 thread: {peer_per_sec:.0}/s; bioseal/peer: {:.1}x \
+         (from the medians above: {:.1}x)",
+        per_sec[0] / peer_per_sec,
         v_peer.0.as_secs_f64() / v_ours.0.as_secs_f64()
     );
 
