@@ -15,12 +15,6 @@ use crate::storage::record::{dek_aad, payload_aad};
 use crate::storage::{self, Db, DekTable, SubjectRecord};
 use std::path::Path;
 
-/// The segment size of a store's sled database (`<dir>/db`): a tool that
-/// opens those files with sled itself must pass it to
-/// `sled::Config::segment_size`, since sled refuses to open a database with
-/// another size.
-pub const SLED_SEGMENT_SIZE: usize = storage::SEGMENT_SIZE;
-
 /// One ciphertext with the associated data it was sealed with.
 #[derive(Debug, Clone)]
 pub struct SealedBox {

@@ -178,7 +178,6 @@ fn open_sled(path: &Path, cache_bytes: u64) -> Result<sled::Db> {
             .path(path)
             .flush_every_ms(None)
             .cache_capacity(cache_bytes)
-            .segment_size(SEGMENT_SIZE)
             .open()
         {
             Err(sled::Error::Io(e))
@@ -191,15 +190,6 @@ fn open_sled(path: &Path, cache_bytes: u64) -> Result<sled::Db> {
         }
     }
 }
-
-/// sled's segment (and IO buffer) size: 8 MiB instead of sled's 512 KiB.
-/// sled writes any page larger than a quarter segment to a file of its own
-/// (a "blob"); a leaf holds up to 16 values, and at a million subjects a
-/// key table is ~22 KB, so with 512 KiB segments every consolidated leaf of
-/// the `keys` tree became a new file (measured: a key-table update plus
-/// flush 220 µs p50 with blobs, 158 µs without). Fixed when the store is
-/// created: sled refuses to reopen with another size.
-pub(crate) const SEGMENT_SIZE: usize = 8 << 20;
 
 /// The sled database of a store.
 pub(crate) struct Db {

@@ -143,11 +143,7 @@ pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
 /// while the just-dropped store's I/O threads still hold the file lock.
 pub fn open_raw_sled(path: &Path) -> sled::Db {
     for _ in 0..50 {
-        match sled::Config::new()
-            .path(path)
-            .segment_size(bioseal::forensics::SLED_SEGMENT_SIZE)
-            .open()
-        {
+        match sled::open(path) {
             Ok(db) => return db,
             Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
                 std::thread::sleep(std::time::Duration::from_millis(20));
