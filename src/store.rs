@@ -30,6 +30,9 @@ const MAX_SUBJECT_LEN: usize = 1024;
 /// Buckets a sweep or shred rotates together (three syncs per group); their
 /// locks are held for the group's duration.
 const ROTATION_GROUP: usize = 256;
+/// Most threads a sweep runs its groups on (never more than the machine's
+/// available parallelism).
+const SWEEP_THREADS: usize = 4;
 
 /// When a revocation was carried out and whether its shred is complete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -480,6 +483,12 @@ impl Store {
     /// inactivity limit after its last interaction). Visits only the
     /// subjects the retention index lists as due by today, rotates each
     /// affected bucket once, and is audited.
+    ///
+    /// Due buckets are handled in groups of up to 256 (each group one
+    /// rotation: three syncs); groups share no bucket, so they run on up to
+    /// four threads (at most the available parallelism). Every group is
+    /// complete in itself: an error stops the sweep after the groups under
+    /// way, and the groups done are done.
     pub fn sweep(&self) -> Result<SweepReport> {
         let started = Instant::now();
         let now = self.clock.now();
@@ -489,48 +498,48 @@ impl Store {
             due.entry(b).or_default().push((p, day));
             examined += 1;
         }
-        let (mut expired, mut rotated) = (0, 0);
         let due: Vec<(u32, Vec<(Pseudonym, u32)>)> = due.into_iter().collect();
-        // Buckets in groups: under immediate shredding each group is one
-        // rotation of all its buckets (three syncs). Locks are taken in
-        // ascending bucket order, so they cannot deadlock with each other
-        // or with single-bucket operations.
-        for group in due.chunks(ROTATION_GROUP) {
-            let guards: Vec<BucketGuard<'_>> = group.iter().map(|(b, _)| self.lock(*b)).collect();
-            let mut work: Vec<(u32, Vec<(Pseudonym, AuditOutcome)>)> = Vec::new();
-            for (b, candidates) in group {
-                let doomed = self.sweep_bucket(*b, candidates, now)?;
-                if !doomed.is_empty() {
-                    work.push((*b, doomed));
-                }
-            }
-            let removals: Vec<(u32, Vec<Pseudonym>)> = work
-                .iter()
-                .map(|(b, d)| (*b, d.iter().map(|(p, _)| *p).collect()))
-                .collect();
-            match self.shred_policy {
-                ShredPolicy::Immediate if !removals.is_empty() => {
-                    self.rotate_many(&removals, &guards.iter().collect::<Vec<_>>())?;
-                    rotated += removals.len();
-                }
-                ShredPolicy::Immediate => {}
-                ShredPolicy::Deferred => {
-                    for (b, ps) in &removals {
-                        self.remove_deferred(*b, ps)?;
+        let groups: Vec<&[(u32, Vec<(Pseudonym, u32)>)]> = due.chunks(ROTATION_GROUP).collect();
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(SWEEP_THREADS)
+            .min(groups.len());
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        let worker = || -> Result<(usize, usize)> {
+            let (mut expired, mut rotated) = (0, 0);
+            while !failed.load(std::sync::atomic::Ordering::Relaxed) {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(group) = groups.get(i) else { break };
+                match self.sweep_group(group, now) {
+                    Ok((e, r)) => {
+                        expired += e;
+                        rotated += r;
+                    }
+                    Err(e) => {
+                        failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                        return Err(e);
                     }
                 }
             }
-            for (_, doomed) in &work {
-                for (p, reason) in doomed {
-                    self.log(
-                        now,
-                        AuditEntry::new(AuditEvent::Expire)
-                            .subject(p)
-                            .outcome(*reason),
-                    )?;
-                }
-                expired += doomed.len();
-            }
+            Ok((expired, rotated))
+        };
+        let results: Vec<Result<(usize, usize)>> = if threads <= 1 {
+            vec![worker()]
+        } else {
+            std::thread::scope(|sc| {
+                let handles: Vec<_> = (0..threads).map(|_| sc.spawn(&worker)).collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                    .collect()
+            })
+        };
+        let (mut expired, mut rotated) = (0, 0);
+        for r in results {
+            let (e, r) = r?;
+            expired += e;
+            rotated += r;
         }
         self.log(
             now,
@@ -545,6 +554,56 @@ impl Store {
             buckets_rotated: rotated,
             took: started.elapsed(),
         })
+    }
+
+    /// One group of a sweep: lock its buckets (ascending, so groups cannot
+    /// deadlock with each other or with single-bucket operations), find the
+    /// subjects really past their deadline, destroy them (one rotation for
+    /// the group under immediate shredding) and audit each. Returns the
+    /// subjects destroyed and the buckets rotated.
+    fn sweep_group(
+        &self,
+        group: &[(u32, Vec<(Pseudonym, u32)>)],
+        now: Timestamp,
+    ) -> Result<(usize, usize)> {
+        let guards: Vec<BucketGuard<'_>> = group.iter().map(|(b, _)| self.lock(*b)).collect();
+        let mut work: Vec<(u32, Vec<(Pseudonym, AuditOutcome)>)> = Vec::new();
+        for (b, candidates) in group {
+            let doomed = self.sweep_bucket(*b, candidates, now)?;
+            if !doomed.is_empty() {
+                work.push((*b, doomed));
+            }
+        }
+        let removals: Vec<(u32, Vec<Pseudonym>)> = work
+            .iter()
+            .map(|(b, d)| (*b, d.iter().map(|(p, _)| *p).collect()))
+            .collect();
+        let mut rotated = 0;
+        match self.shred_policy {
+            ShredPolicy::Immediate if !removals.is_empty() => {
+                self.rotate_many(&removals, &guards.iter().collect::<Vec<_>>())?;
+                rotated = removals.len();
+            }
+            ShredPolicy::Immediate => {}
+            ShredPolicy::Deferred => {
+                for (b, ps) in &removals {
+                    self.remove_deferred(*b, ps)?;
+                }
+            }
+        }
+        let mut expired = 0;
+        for (_, doomed) in &work {
+            for (p, reason) in doomed {
+                self.log(
+                    now,
+                    AuditEntry::new(AuditEvent::Expire)
+                        .subject(p)
+                        .outcome(*reason),
+                )?;
+            }
+            expired += doomed.len();
+        }
+        Ok((expired, rotated))
     }
 
     /// Every retention-index entry (day, bucket, pseudonym) due by `now`'s day.

@@ -229,3 +229,49 @@ fn renewal_extends_and_status_reports_consent_but_no_template() {
     let dbg = format!("{:?}", store.consent_status("s").expect("status"));
     assert!(!dbg.contains(&format!("{}", v[0])), "{dbg}");
 }
+
+/// A sweep with more due buckets than one group (256) runs its groups on
+/// several threads (as many as the machine offers, up to four): exactly the
+/// due subjects go, every other one still matches, each group rotates its
+/// own buckets, and the audit chain holds.
+#[test]
+fn a_sweep_of_several_groups_destroys_exactly_the_due_subjects() {
+    let f = Fixture::new(2048);
+    let store = f.open();
+    let mut rng = Rng(41);
+    let vecs: Vec<Vec<f32>> = (0..1500).map(|_| rng.unit(DIM)).collect();
+    let ids: Vec<String> = (0..vecs.len()).map(|i| format!("s{i}")).collect();
+    // Even subjects' consent runs out after 5 days, odd ones' after 200.
+    let items = vecs.iter().enumerate().map(|(i, v)| {
+        let days = if i % 2 == 0 { 5 } else { 200 };
+        (ids[i].as_str(), emb(v), consent(f.now(), days))
+    });
+    for r in store.enroll_many(items).expect("enroll_many") {
+        r.expect("enroll");
+    }
+    f.clock.advance(DAY * 5);
+    let r = store.sweep().expect("sweep");
+    assert_eq!((r.examined, r.expired), (750, 750));
+    // 750 subjects in 2,048 buckets land in ~630: three groups.
+    assert!(
+        r.buckets_rotated > 256 && r.buckets_rotated <= 750,
+        "{}",
+        r.buckets_rotated
+    );
+    assert_eq!(store.stats().expect("stats").subjects, 750);
+    for (i, v) in vecs.iter().enumerate() {
+        let res = store.verify(&ids[i], &IDV, emb(v));
+        if i % 2 == 0 {
+            assert!(matches!(res, Err(Error::NotEnrolled)), "s{i}: {res:?}");
+        } else {
+            assert_eq!(res.expect("verify"), Decision::Match, "s{i}");
+        }
+    }
+    store.audit().verify_chain().expect("chain");
+    let audit = store.audit().entries().expect("entries");
+    let count = |ev| audit.iter().filter(|e| e.event == ev).count();
+    assert_eq!(count(bioseal::AuditEvent::Expire), 750);
+    assert_eq!(count(bioseal::AuditEvent::KeyRotation), r.buckets_rotated);
+    let again = store.sweep().expect("second sweep");
+    assert_eq!((again.examined, again.expired), (0, 0));
+}
