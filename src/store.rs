@@ -30,6 +30,10 @@ const MAX_SUBJECT_LEN: usize = 1024;
 /// Buckets a sweep or shred rotates together (three syncs per group); their
 /// locks are held for the group's duration.
 const ROTATION_GROUP: usize = 256;
+/// A bucket with the subjects the retention index lists as due in it, each
+/// with the day of its index entry.
+type DueBucket = (u32, Vec<(Pseudonym, u32)>);
+
 /// Most threads a sweep runs its groups on (never more than the machine's
 /// available parallelism).
 const SWEEP_THREADS: usize = 4;
@@ -498,8 +502,8 @@ impl Store {
             due.entry(b).or_default().push((p, day));
             examined += 1;
         }
-        let due: Vec<(u32, Vec<(Pseudonym, u32)>)> = due.into_iter().collect();
-        let groups: Vec<&[(u32, Vec<(Pseudonym, u32)>)]> = due.chunks(ROTATION_GROUP).collect();
+        let due: Vec<DueBucket> = due.into_iter().collect();
+        let groups: Vec<&[DueBucket]> = due.chunks(ROTATION_GROUP).collect();
         let threads = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
             .min(SWEEP_THREADS)
@@ -528,7 +532,7 @@ impl Store {
             vec![worker()]
         } else {
             std::thread::scope(|sc| {
-                let handles: Vec<_> = (0..threads).map(|_| sc.spawn(&worker)).collect();
+                let handles: Vec<_> = (0..threads).map(|_| sc.spawn(worker)).collect();
                 handles
                     .into_iter()
                     .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
@@ -561,11 +565,7 @@ impl Store {
     /// subjects really past their deadline, destroy them (one rotation for
     /// the group under immediate shredding) and audit each. Returns the
     /// subjects destroyed and the buckets rotated.
-    fn sweep_group(
-        &self,
-        group: &[(u32, Vec<(Pseudonym, u32)>)],
-        now: Timestamp,
-    ) -> Result<(usize, usize)> {
+    fn sweep_group(&self, group: &[DueBucket], now: Timestamp) -> Result<(usize, usize)> {
         let guards: Vec<BucketGuard<'_>> = group.iter().map(|(b, _)| self.lock(*b)).collect();
         let mut work: Vec<(u32, Vec<(Pseudonym, AuditOutcome)>)> = Vec::new();
         for (b, candidates) in group {
