@@ -167,8 +167,8 @@ impl StoreConfig {
     /// a sweep rotates every bucket holding a due subject. Aim for N/B of
     /// 16–64 at the population you expect. Measured at a million subjects
     /// (README, Performance): B = 4,096 (the default, ~244 per bucket)
-    /// gave enroll 480 µs, revoke 1.5 ms and a 1% sweep 4.6 s; B = 65,536
-    /// (~15 per bucket) gave 298 µs, 1.05 ms and 3.2 s. The price of more
+    /// gave enroll 500 µs, revoke 1.7 ms and a 1% sweep 1.8 s; B = 65,536
+    /// (~15 per bucket) gave 353 µs, 0.9 ms and 1.25 s. The price of more
     /// buckets is the keyring: 256 bytes of file and ~2 KB of memory per
     /// bucket (16 MiB and ~140 MB at 65,536), and ~0.3 s to open.
     pub fn buckets(mut self, b: u32) -> Self {
