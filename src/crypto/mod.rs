@@ -11,39 +11,28 @@ pub(crate) mod pseudonym;
 use crate::error::{Error, Result};
 use zeroize::Zeroizing;
 
-/// `N` bytes from the operating system's CSPRNG, in a wiped buffer.
+/// Fill `buf` from the operating system's CSPRNG.
+fn fill_random(buf: &mut [u8]) -> Result<()> {
+    use ring::rand::SecureRandom;
+    ring::rand::SystemRandom::new().fill(buf).map_err(|_| {
+        Error::Io(std::io::Error::other(
+            "system random number generator failed",
+        ))
+    })
+}
+
 /// `n` random 96-bit nonces from one draw of the system RNG: as random as
 /// `n` separate draws, with one system call instead of `n`.
 pub(crate) fn random_nonces(n: usize) -> Result<Vec<[u8; aead::NONCE_LEN]>> {
-    use ring::rand::SecureRandom;
-    let mut bytes = vec![0u8; n * aead::NONCE_LEN];
-    ring::rand::SystemRandom::new()
-        .fill(&mut bytes)
-        .map_err(|_| {
-            Error::Io(std::io::Error::other(
-                "system random number generator failed",
-            ))
-        })?;
-    Ok(bytes
-        .chunks_exact(aead::NONCE_LEN)
-        .map(|c| {
-            let mut a = [0u8; aead::NONCE_LEN];
-            a.copy_from_slice(c);
-            a
-        })
-        .collect())
+    let mut nonces = vec![[0u8; aead::NONCE_LEN]; n];
+    fill_random(nonces.as_flattened_mut())?;
+    Ok(nonces)
 }
 
+/// `N` bytes from the operating system's CSPRNG, in a wiped buffer.
 pub(crate) fn random<const N: usize>() -> Result<Zeroizing<[u8; N]>> {
-    use ring::rand::SecureRandom;
     let mut out = Zeroizing::new([0u8; N]);
-    ring::rand::SystemRandom::new()
-        .fill(out.as_mut())
-        .map_err(|_| {
-            Error::Io(std::io::Error::other(
-                "system random number generator failed",
-            ))
-        })?;
+    fill_random(out.as_mut())?;
     Ok(out)
 }
 
