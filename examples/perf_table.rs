@@ -58,6 +58,7 @@ fn row(name: &str, ours: (Duration, Duration), peer: (Duration, Duration)) {
 
 fn main() -> Result<(), Error> {
     let n = env("BIOSEAL_PERF_SUBJECTS", 10_000);
+    let buckets = env("BIOSEAL_PERF_BUCKETS", bioseal::DEFAULT_BUCKETS as usize);
     let ops = env("BIOSEAL_PERF_OPS", 2_000).min(n / 2);
     let dirs = (tempfile::tempdir()?, tempfile::tempdir()?);
     let start = std::time::SystemTime::now()
@@ -69,7 +70,7 @@ fn main() -> Result<(), Error> {
             .model("bench", DIM)
             .threshold(Threshold::cosine(THRESHOLD))
             .cache_bytes(env("BIOSEAL_PERF_CACHE_MB", 1024) as u64 * (1 << 20))
-            .buckets(env("BIOSEAL_PERF_BUCKETS", bioseal::DEFAULT_BUCKETS as usize) as u32)
+            .buckets(buckets as u32)
             .clock(clock.clone()),
     )?;
     let peer_path = dirs.1.path().join("peer.db");
@@ -121,8 +122,7 @@ fn main() -> Result<(), Error> {
         t.elapsed()
     };
     println!(
-        "{n} subjects, {} buckets, {DIM} dimensions, {ops} operations per row, 2 cores",
-        env("BIOSEAL_PERF_BUCKETS", bioseal::DEFAULT_BUCKETS as usize)
+        "{n} subjects, {buckets} buckets, {DIM} dimensions, {ops} operations per row, 2 cores"
     );
     println!("| operation              | bioseal p50 | bioseal p99 | peer p50   | peer p99   | peer/ours |");
     println!("|------------------------|------------:|------------:|-----------:|-----------:|----------:|");
