@@ -1,0 +1,374 @@
+//! [`Store`]: the facade. Enroll, verify, revoke, consent changes, sweep,
+//! shred, audit.
+
+use crate::audit::{AuditEntry, AuditEvent, AuditLog, AuditOutcome};
+use crate::clock::{Clock, Timestamp};
+use crate::config::{AttemptPolicy, Durability, ShredPolicy, StoreConfig};
+use crate::consent::{Consent, ConsentStatus, Purpose};
+use crate::crypto::aead::AeadKey;
+use crate::crypto::keyring::{Kek, Keyring};
+use crate::crypto::pseudonym::Pseudonym;
+use crate::crypto::random;
+use crate::embedding::{Embedding, Template};
+use crate::error::{Error, Result};
+use crate::failpoint;
+use crate::matcher::{self, Decision};
+use crate::storage::record::{dek_aad, payload_aad, state_aad, WRAPPED_DEK_LEN};
+use crate::storage::{
+    self, day_of, Db, DekTable, SubjectPayload, SubjectRecord, SubjectState, Writes,
+};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use zeroize::Zeroizing;
+
+const KEYRING_FILE: &str = "keyring";
+const DB_DIR: &str = "db";
+const MAX_SUBJECT_LEN: usize = 1024;
+/// Buckets a sweep or shred rotates together (three syncs per group); their
+/// locks are held for the group's duration.
+const ROTATION_GROUP: usize = 256;
+/// A bucket with the subjects the retention index lists as due in it, each
+/// with the day of its index entry.
+type DueBucket = (u32, Vec<(Pseudonym, u32)>);
+
+/// Most threads a sweep runs its groups on (never more than the machine's
+/// available parallelism).
+const SWEEP_THREADS: usize = 4;
+
+/// When a revocation was carried out and whether its shred is complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShredReceipt {
+    /// When the subject's records were removed.
+    pub revoked_at: Timestamp,
+    /// Whether the bucket's KEK has been rotated.
+    pub status: ShredStatus,
+}
+
+/// State of a revocation's crypto-shred.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShredStatus {
+    /// The KEK that wrapped the subject's DEK was overwritten: no copy of the
+    /// data files can be decrypted for this subject any more.
+    Shredded {
+        /// When the old KEK slot was zeroed and synced.
+        at: Timestamp,
+    },
+    /// Waiting for [`Store::shred`] ([`ShredPolicy::Deferred`]).
+    Pending,
+}
+
+/// What [`Store::withdraw_purpose`] left behind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Withdrawal {
+    /// Purposes still consented.
+    Remaining(Vec<Purpose>),
+    /// That was the last purpose: the subject was revoked.
+    Revoked(ShredReceipt),
+}
+
+/// What a [`Store::sweep`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Retention-index entries visited (only subjects due by today).
+    pub examined: usize,
+    /// Subjects destroyed.
+    pub expired: usize,
+    /// Bucket KEKs rotated.
+    pub buckets_rotated: usize,
+    /// Wall-clock time the sweep took.
+    pub took: Duration,
+}
+
+/// Counts that describe a store. Never template data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Enrolled subjects.
+    pub subjects: usize,
+    /// Bucket count.
+    pub buckets: u32,
+    /// Buckets whose shred is pending.
+    pub pending_shreds: usize,
+    /// Lowest live KEK generation.
+    pub generation_min: u64,
+    /// Highest live KEK generation.
+    pub generation_max: u64,
+}
+
+/// An open bioseal store. `Send + Sync`: share one behind an `Arc`.
+///
+/// See the crate documentation for a complete example.
+pub struct Store {
+    dir: PathBuf,
+    db: Db,
+    keyring: Keyring,
+    audit: AuditLog,
+    dim: usize,
+    threshold: i64,
+    max_templates: usize,
+    shred_policy: ShredPolicy,
+    clock: Arc<dyn Clock>,
+    max_consent_lifetime: Duration,
+    max_inactivity: Duration,
+    attempts: AttemptPolicy,
+    durability: Durability,
+    /// The group-commit thread and the channel that stops it.
+    flusher: Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
+    /// One lock per bucket. Every operation on a subject holds its bucket's
+    /// lock from the first read to the last write: a verify's lockout check,
+    /// comparison and counter update are one step, and no rotation of the
+    /// bucket runs in between.
+    locks: Vec<Mutex<()>>,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store")
+            .field("dir", &self.dir)
+            .field("dimension", &self.dim)
+            .field("buckets", &self.keyring.header().buckets)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Proof that the caller holds a bucket's lock.
+struct BucketGuard<'a>(#[allow(dead_code)] MutexGuard<'a, ()>);
+
+/// A subject's record, opened.
+struct Loaded {
+    dek: Zeroizing<[u8; 32]>,
+    payload: SubjectPayload,
+    state: SubjectState,
+    /// The payload as sealed on disk (empty for a subject not yet written),
+    /// kept so that a state change rewrites it without re-sealing.
+    sealed_payload: Vec<u8>,
+}
+
+mod lifecycle;
+mod lockout;
+mod retention;
+mod rotation;
+mod subject;
+#[cfg(test)]
+mod tests;
+
+impl Store {
+    /// Open the store in the configured directory, creating it if the
+    /// directory holds no store. Completes any key rotation a crash
+    /// interrupted before returning. A wrong root key fails with
+    /// [`Error::WrongRootKey`] before any data file is opened.
+    pub fn open(config: StoreConfig) -> Result<Store> {
+        let (model_id, dim, threshold) = config.validate()?;
+        let dir = config.dir.clone();
+        if !dir.exists() {
+            let mut b = std::fs::DirBuilder::new();
+            b.recursive(true);
+            std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+            b.create(&dir)?;
+        }
+        let kpath = dir.join(KEYRING_FILE);
+        let dbpath = dir.join(DB_DIR);
+        let keyring = {
+            let root = config.key.root_key()?;
+            if kpath.exists() {
+                Keyring::open(&kpath, &root)?
+            } else if dbpath.exists() {
+                return Err(Error::KeyUnavailable {
+                    what: "the keyring file is missing; refusing to create a new one over existing data",
+                });
+            } else {
+                Keyring::create(
+                    &kpath,
+                    &root,
+                    config.buckets,
+                    &model_id,
+                    dim as u32,
+                    config.clock.now().unix_secs(),
+                )?
+            }
+        };
+        let h = keyring.header();
+        if h.model_id != model_id || h.dim as usize != dim {
+            return Err(Error::ModelMismatch {
+                stored: format!("{}/{}", h.model_id, h.dim),
+                configured: format!("{model_id}/{dim}"),
+            });
+        }
+        // bioseal's own flusher (below) replaces sled's, so that queued audit
+        // entries and sled's log are flushed together.
+        let db = Db::open(&dbpath, config.cache_bytes)?;
+        match db.store_id()? {
+            Some(id) if id == h.store_id => {}
+            Some(_) => return Err(Error::StoreMismatch),
+            None if !db.records.is_empty() => return Err(Error::StoreMismatch),
+            None => db.set_store_id(&h.store_id)?,
+        }
+        let audit = AuditLog::open(db.audit.clone(), keyring.audit_key())?;
+        let flusher = match config.durability {
+            Durability::Immediate => None,
+            Durability::GroupCommit { interval } => {
+                let (tx, rx) = std::sync::mpsc::channel::<()>();
+                let (drainer, sled_db) = (audit.inner(), db.db.clone());
+                let handle = std::thread::Builder::new()
+                    .name("bioseal-flusher".into())
+                    .spawn(move || {
+                        // A message asks for a drain only (the queue is
+                        // filling); the interval's timeout drains and flushes;
+                        // the store dropping the sender stops the thread
+                        // after a last drain and flush. Errors surface at the
+                        // next explicit flush.
+                        let mut due = std::time::Instant::now() + interval;
+                        loop {
+                            let wait = due.saturating_duration_since(std::time::Instant::now());
+                            match rx.recv_timeout(wait) {
+                                Ok(()) => {
+                                    let _ = drainer.drain();
+                                }
+                                Err(e) => {
+                                    let _ = drainer.drain();
+                                    let _ = sled_db.flush();
+                                    if e == std::sync::mpsc::RecvTimeoutError::Disconnected {
+                                        break;
+                                    }
+                                    due = std::time::Instant::now() + interval;
+                                }
+                            }
+                        }
+                    })?;
+                Some((tx, handle))
+            }
+        };
+        let buckets = h.buckets;
+        let store = Store {
+            flusher,
+            dir,
+            db,
+            keyring,
+            audit,
+            dim,
+            threshold: threshold.fixed(),
+            max_templates: config.max_templates,
+            shred_policy: config.shred,
+            attempts: config.attempt_policy(),
+            clock: config.clock,
+            max_consent_lifetime: config.max_consent_lifetime,
+            max_inactivity: config.max_inactivity,
+            durability: config.durability,
+            locks: (0..buckets).map(|_| Mutex::new(())).collect(),
+        };
+        store.recover()?;
+        Ok(store)
+    }
+
+    /// The audit log.
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
+    }
+
+    /// Counts describing the store (no template data; walks the record keys).
+    pub fn stats(&self) -> Result<StoreStats> {
+        let mut subjects = 0;
+        for kv in self.db.records.scan_prefix([b'S']) {
+            kv?;
+            subjects += 1;
+        }
+        let (generation_min, generation_max) = self.keyring.generation_range();
+        Ok(StoreStats {
+            subjects,
+            buckets: self.keyring.header().buckets,
+            pending_shreds: self.db.pending_buckets()?.len(),
+            generation_min,
+            generation_max,
+        })
+    }
+
+    /// The store's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Make everything written so far durable: queued audit entries into
+    /// sled, then sled's log to disk.
+    fn flush(&self) -> Result<()> {
+        self.audit.inner().drain()?;
+        self.db.db.flush()?;
+        Ok(())
+    }
+
+    fn log(&self, now: Timestamp, e: AuditEntry) -> Result<()> {
+        if self.audit.append(now, e)? {
+            if let Some((tx, _)) = &self.flusher {
+                // The flusher is gone only while the store is dropped.
+                let _ = tx.send(());
+            }
+        }
+        Ok(())
+    }
+
+    fn lock(&self, b: u32) -> BucketGuard<'_> {
+        // `b` comes from `Pseudonym::bucket(buckets)` or from a key the store
+        // wrote; the modulo keeps a corrupted key from panicking.
+        let m = &self.locks[b as usize % self.locks.len()];
+        BucketGuard(m.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn locate(&self, subject: &str) -> (Pseudonym, u32, [u8; 37]) {
+        let p = self.keyring.pseudonym_key().pseudonym(subject.as_bytes());
+        let b = p.bucket(self.keyring.header().buckets);
+        (p, b, storage::subject_key(b, &p))
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // Stop the flusher (it drains and flushes once more), then flush
+        // whatever is left: best effort, there is no one to report to.
+        if let Some((tx, handle)) = self.flusher.take() {
+            drop(tx);
+            let _ = handle.join();
+        }
+        let _ = self.flush();
+    }
+}
+
+fn be_u32(v: &[u8]) -> Option<u32> {
+    let a: [u8; 4] = v.try_into().ok()?;
+    Some(u32::from_be_bytes(a))
+}
+
+fn to_wrapped(sealed: &[u8]) -> Result<[u8; WRAPPED_DEK_LEN]> {
+    let mut w = [0u8; WRAPPED_DEK_LEN];
+    if sealed.len() != WRAPPED_DEK_LEN {
+        return Err(Error::tampered("wrapped data key"));
+    }
+    w.copy_from_slice(sealed);
+    Ok(w)
+}
+
+fn check_subject(subject: &str) -> Result<()> {
+    if subject.is_empty() || subject.len() > MAX_SUBJECT_LEN {
+        return Err(Error::InvalidSubject);
+    }
+    Ok(())
+}
+
+// `Store` must stay shareable across threads.
+const _: fn() = || {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Store>();
+};
+
+/// Crate-internal access for the forensics unit test.
+#[cfg(test)]
+impl Store {
+    pub(crate) fn test_dek(&self, subject: &str) -> Result<Zeroizing<[u8; 32]>> {
+        let (p, b, key) = self.locate(subject);
+        let _g = self.lock(b);
+        Ok(self
+            .load_subject(&p, b, &key)?
+            .ok_or(Error::NotEnrolled)?
+            .dek)
+    }
+}
