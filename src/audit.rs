@@ -66,6 +66,8 @@ pub enum AuditEvent {
     KeyRotation,
     /// An operator reset a subject's failed-attempt counter.
     AttemptsReset,
+    /// A template was added after a matching probe.
+    TemplateAdded,
 }
 
 /// How it ended.
@@ -96,6 +98,10 @@ pub enum AuditOutcome {
     ShredPending,
     /// Revoked and shredded.
     Shredded,
+    /// Refused: the subject is already enrolled (an enrollment over it).
+    AlreadyEnrolled,
+    /// Refused: the subject holds the maximum number of templates.
+    TooManyTemplates,
 }
 
 /// One audit entry.

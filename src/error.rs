@@ -58,6 +58,9 @@ pub enum Error {
     /// The subject is not enrolled (never was, or was revoked or expired).
     #[error("subject is not enrolled")]
     NotEnrolled,
+    /// `enroll` for a subject that is already enrolled; nothing was changed.
+    #[error("subject is already enrolled; add templates with add_template, change consent with renew/withdraw")]
+    AlreadyEnrolled,
     /// The subject's consent has expired; the subject has been revoked and shredded.
     #[error("consent has expired; the subject was revoked")]
     ConsentExpired,

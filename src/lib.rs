@@ -197,3 +197,42 @@ pub mod __timing {
         }
     }
 }
+
+/// Raw access to an open store's sled trees, for this crate's own
+/// hostile-review tests (splicing older record versions back, deleting a
+/// pending-shred marker: what anyone with write access to the data files
+/// can do, without any key). Compiled only with the `failpoints` feature,
+/// which only this crate's test builds switch on. Not an API.
+#[cfg(feature = "failpoints")]
+#[doc(hidden)]
+pub mod __test {
+    use crate::error::Result;
+    use crate::Store;
+
+    /// The sled tree `tree` ("records", "keys", "meta", "audit").
+    fn tree(store: &Store, tree: &str) -> Result<sled::Tree> {
+        Ok(store.raw_db().open_tree(tree)?)
+    }
+
+    /// Every key and value of a tree.
+    pub fn entries(store: &Store, t: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        tree(store, t)?
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((k.to_vec(), v.to_vec()))
+            })
+            .collect()
+    }
+
+    /// Write a raw value (`None` removes the key), and flush.
+    pub fn put(store: &Store, t: &str, key: &[u8], value: Option<&[u8]>) -> Result<()> {
+        let tr = tree(store, t)?;
+        match value {
+            Some(v) => tr.insert(key, v)?,
+            None => tr.remove(key)?,
+        };
+        store.raw_db().flush()?;
+        Ok(())
+    }
+}

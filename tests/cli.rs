@@ -256,8 +256,15 @@ fn enroll_verify_consent_revoke_stats_and_audit() {
     let o = cli.run(&["audit", "export", "--out", &export.to_string_lossy()]);
     assert_eq!(o.code, 0, "{}", o.stderr);
     let text = std::fs::read_to_string(&export).expect("export");
-    // enroll, three verifies, withdraw, renew, sweep (a dry run logs nothing).
-    assert_eq!(text.lines().count(), 7, "{text}");
+    // enroll, three verifies, withdraw, renew, sweep (a dry run logs
+    // nothing), and a key rotation for each of the no-match, the refused
+    // purpose, the withdrawal and the renewal.
+    assert_eq!(text.lines().count(), 11, "{text}");
+    assert_eq!(
+        text.matches("\"event\":\"key-rotation\"").count(),
+        4,
+        "{text}"
+    );
     assert!(
         text.contains("\"outcome\":\"purpose-not-consented\""),
         "{text}"

@@ -174,3 +174,66 @@ fn revoked_subject_is_unrecoverable_from_any_copy() {
         Decision::Match
     );
 }
+
+/// Issue 11 §6: with `ShredPolicy::Deferred`, deleting the pending-shred
+/// marker (a plain sled write, no key) must not keep a revoked subject's
+/// DEK alive: every rotation drops every key-table entry without a live
+/// record. Without that, the next rotation re-wrapped the revoked DEK under
+/// the live KEK, and the old record spliced back matched.
+#[test]
+fn a_deleted_pending_marker_does_not_keep_a_revoked_dek() {
+    use bioseal::{__test, ShredPolicy};
+    let f = Fixture::new(1);
+    let mut rng = Rng(5);
+    let victim = rng.unit(DIM);
+    let (victim_key, victim_record) = {
+        let store = Store::open(f.config().shred_policy(ShredPolicy::Deferred)).expect("open");
+        store
+            .enroll(VICTIM, emb(&victim), consent(f.now(), 365))
+            .expect("enroll");
+        for i in 0..3 {
+            store
+                .enroll(
+                    &format!("other-{i}"),
+                    emb(&rng.unit(DIM)),
+                    consent(f.now(), 365),
+                )
+                .expect("enroll");
+        }
+        let before = __test::entries(&store, "records").expect("records");
+        store.revoke(VICTIM).expect("revoke");
+        let after = __test::entries(&store, "records").expect("records");
+        let (k, v) = before
+            .into_iter()
+            .find(|(k, _)| k[0] == b'S' && !after.iter().any(|(a, _)| a == k))
+            .expect("the victim's record was removed");
+        let marker: Vec<u8> = after
+            .iter()
+            .map(|(k, _)| k.clone())
+            .find(|k| k[0] == b'P')
+            .expect("pending marker");
+        __test::put(&store, "records", &marker, None).expect("delete the marker");
+        (k, v)
+    };
+    // The operator switches to immediate shredding; another revocation in
+    // the same bucket rotates it.
+    let store = Store::open(f.config()).expect("reopen");
+    assert_eq!(store.stats().expect("stats").pending_shreds, 0);
+    store.revoke("other-0").expect("revoke");
+    let table = __test::entries(&store, "keys")
+        .expect("keys")
+        .into_iter()
+        .next()
+        .expect("one table")
+        .1;
+    assert!(
+        !contains(&table, &victim_key[5..]),
+        "the rotation dropped the revoked subject's entry"
+    );
+    // The old record spliced back with today's files and the root key.
+    __test::put(&store, "records", &victim_key, Some(&victim_record)).expect("splice");
+    match store.verify(VICTIM, &IDV, emb(&victim)) {
+        Err(Error::Tampered { .. } | Error::KeyUnavailable { .. }) => {}
+        other => panic!("revoked subject answered {other:?}"),
+    }
+}

@@ -125,9 +125,24 @@ fn several_templates_up_to_the_maximum() {
         store.verify("s", &IDV, emb(&b)).expect("verify"),
         Decision::NoMatch
     );
-    store
-        .enroll("s", emb(&b), consent(f.now(), 10))
-        .expect("second");
+    // A second template only after a fresh match.
+    assert_eq!(
+        store
+            .add_template("s", &IDV, emb(&c), emb(&b))
+            .expect("add"),
+        Decision::NoMatch,
+        "an impostor probe adds nothing"
+    );
+    assert_eq!(
+        store.verify("s", &IDV, emb(&b)).expect("verify"),
+        Decision::NoMatch
+    );
+    assert_eq!(
+        store
+            .add_template("s", &IDV, emb(&a), emb(&b))
+            .expect("add"),
+        Decision::Match
+    );
     // Either template matches (OR across templates).
     assert_eq!(
         store.verify("s", &IDV, emb(&a)).expect("verify"),
@@ -142,7 +157,7 @@ fn several_templates_up_to_the_maximum() {
         Decision::NoMatch
     );
     assert!(matches!(
-        store.enroll("s", emb(&c), consent(f.now(), 10)),
+        store.add_template("s", &IDV, emb(&a), emb(&c)),
         Err(Error::TooManyTemplates { max: 2 })
     ));
     assert_eq!(
@@ -151,29 +166,50 @@ fn several_templates_up_to_the_maximum() {
     );
 }
 
+/// `enroll` over an enrolled subject is refused and changes nothing: not
+/// the templates, not the consent, not the failure counter (issue 11 §3:
+/// it used to append any face, replace the consent and reset the counter).
 #[test]
-fn a_new_enrollment_replaces_the_consent() {
+fn enroll_over_an_enrolled_subject_is_refused_and_changes_nothing() {
     let f = Fixture::new(16);
     let store = f.open();
     let mut rng = Rng(4);
-    let a = rng.unit(DIM);
+    let (a, mallory) = (rng.unit(DIM), rng.unit(DIM));
     store
         .enroll("s", emb(&a), consent(f.now(), 10))
         .expect("enroll");
-    let only_impersonation = bioseal::Consent::new([Purpose::IMPERSONATION_CHECK])
-        .expires_at(f.now().saturating_add(DAY * 10))
+    for _ in 0..5 {
+        assert_eq!(
+            store.verify("s", &IDV, emb(&mallory)).expect("verify"),
+            Decision::NoMatch
+        );
+    }
+    let before = store.consent_status("s").expect("status");
+    let takeover = bioseal::Consent::new([Purpose::IMPERSONATION_CHECK])
+        .expires_at(f.now().saturating_add(DAY * 20))
         .evidence([1; 32]);
-    store
-        .enroll("s", emb(&a), only_impersonation)
-        .expect("second");
+    assert!(matches!(
+        store.enroll("s", emb(&mallory), takeover),
+        Err(Error::AlreadyEnrolled)
+    ));
+    let items = vec![("s", emb(&mallory), consent(f.now(), 10))];
+    let r = store.enroll_many(items).expect("bulk");
+    assert!(matches!(r[..], [Err(Error::AlreadyEnrolled)]));
+    assert_eq!(store.consent_status("s").expect("status"), before);
+    // Still locked out: the counter was not reset.
     assert!(matches!(
         store.verify("s", &IDV, emb(&a)),
-        Err(Error::PurposeNotConsented)
+        Err(Error::LockedOut { .. })
     ));
+    f.clock.advance(std::time::Duration::from_secs(30));
     assert_eq!(
-        store
-            .verify("s", &Purpose::IMPERSONATION_CHECK, emb(&a))
-            .expect("verify"),
+        store.verify("s", &IDV, emb(&mallory)).expect("verify"),
+        Decision::NoMatch,
+        "mallory's face was not added"
+    );
+    f.clock.advance(std::time::Duration::from_secs(30));
+    assert_eq!(
+        store.verify("s", &IDV, emb(&a)).expect("verify"),
         Decision::Match
     );
 }
@@ -218,16 +254,16 @@ fn deferred_shred_completes_on_shred() {
     let gen = store.stats().expect("stats").generation_max;
     let r = store.revoke("a").expect("revoke");
     assert_eq!(r.status, ShredStatus::Pending);
-    assert!(matches!(
-        store.verify("a", &IDV, emb(&a)),
-        Err(Error::NotEnrolled)
-    ));
     let s = store.stats().expect("stats");
     assert_eq!((s.pending_shreds, s.generation_max), (1, gen));
     assert_eq!(store.shred().expect("shred"), 1);
     let s = store.stats().expect("stats");
     assert_eq!((s.pending_shreds, s.generation_max), (0, gen + 1));
     assert_eq!(store.shred().expect("shred"), 0);
+    assert!(matches!(
+        store.verify("a", &IDV, emb(&a)),
+        Err(Error::NotEnrolled)
+    ));
 }
 
 #[test]

@@ -151,8 +151,10 @@ fn a_match_resets_the_count_and_counters_survive_reopen() {
     );
 }
 
+/// Only an audited operator reset, or revoke and a new enrollment, bring a
+/// disabled subject back; enrolling over it is refused.
 #[test]
-fn re_enrollment_re_enables_a_disabled_subject() {
+fn a_disabled_subject_comes_back_only_by_reset_or_revoke() {
     let f = Fixture::new(8);
     let store = f.open();
     let mut rng = Rng(13);
@@ -169,6 +171,24 @@ fn re_enrollment_re_enables_a_disabled_subject() {
         store.verify("s", &IDV, emb(&v)),
         Err(Error::VerificationDisabled)
     ));
+    assert!(matches!(
+        store.enroll("s", emb(&v), consent(f.now(), 100)),
+        Err(Error::AlreadyEnrolled)
+    ));
+    assert!(matches!(
+        store.verify("s", &IDV, emb(&v)),
+        Err(Error::VerificationDisabled)
+    ));
+    store.reset_attempts("s").expect("reset");
+    assert_eq!(
+        store.verify("s", &IDV, emb(&v)).expect("verify"),
+        Decision::Match
+    );
+    for _ in 0..50 {
+        fail(&store, &f, &impostor);
+        f.clock.advance(WAIT);
+    }
+    store.revoke("s").expect("revoke");
     store
         .enroll("s", emb(&v), consent(f.now(), 100))
         .expect("re-enroll");
@@ -176,4 +196,33 @@ fn re_enrollment_re_enables_a_disabled_subject() {
         store.verify("s", &IDV, emb(&v)).expect("verify"),
         Decision::Match
     );
+}
+
+/// The lockout is checked before the purpose: a locked-out subject answers
+/// `LockedOut` (or `VerificationDisabled`) for every purpose, consented or
+/// not, so the purpose answer cannot be probed while locked.
+#[test]
+fn the_lockout_is_checked_before_the_purpose() {
+    let f = Fixture::new(8);
+    let store = f.open();
+    let mut rng = Rng(14);
+    let (v, impostor) = (rng.unit(DIM), rng.unit(DIM));
+    store
+        .enroll("s", emb(&v), consent(f.now(), 100))
+        .expect("enroll");
+    for _ in 0..5 {
+        fail(&store, &f, &impostor);
+    }
+    assert!(matches!(
+        store.verify("s", &bioseal::Purpose::IMPERSONATION_CHECK, emb(&v)),
+        Err(Error::LockedOut { .. })
+    ));
+    for _ in 0..45 {
+        f.clock.advance(WAIT);
+        fail(&store, &f, &impostor);
+    }
+    assert!(matches!(
+        store.verify("s", &bioseal::Purpose::IMPERSONATION_CHECK, emb(&v)),
+        Err(Error::VerificationDisabled)
+    ));
 }

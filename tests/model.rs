@@ -48,6 +48,11 @@ enum Op {
         s: u8,
         seed: u8,
     },
+    AddTemplate {
+        s: u8,
+        template: u8,
+        seed: u8,
+    },
     Revoke {
         s: u8,
     },
@@ -77,6 +82,8 @@ fn op() -> impl Strategy<Value = Op> {
         6 => (s.clone(), 0u8..MAX_TEMPLATES as u8, prop::bool::weighted(0.2))
             .prop_map(|(s, template, impersonation)| Op::VerifyGenuine { s, template, impersonation }),
         4 => (s.clone(), any::<u8>()).prop_map(|(s, seed)| Op::VerifyImpostor { s, seed }),
+        2 => (s.clone(), 0u8..MAX_TEMPLATES as u8, any::<u8>())
+            .prop_map(|(s, template, seed)| Op::AddTemplate { s, template, seed }),
         2 => s.clone().prop_map(|s| Op::Revoke { s }),
         1 => (s.clone(), 1u8..40, any::<bool>())
             .prop_map(|(s, days, both_purposes)| Op::Renew { s, days, both_purposes }),
@@ -101,6 +108,7 @@ enum Answer {
     LockedOut(u64),
     Disabled,
     TooMany,
+    AlreadyEnrolled,
     Revoked,
     Remaining(usize),
     Swept(usize),
@@ -116,6 +124,7 @@ fn out<T>(r: Result<T, Error>, ok: impl FnOnce(T) -> Answer) -> Answer {
         Err(Error::LockedOut { until }) => Answer::LockedOut(until.unix_secs()),
         Err(Error::VerificationDisabled) => Answer::Disabled,
         Err(Error::TooManyTemplates { .. }) => Answer::TooMany,
+        Err(Error::AlreadyEnrolled) => Answer::AlreadyEnrolled,
         Err(e) => panic!("unexpected error: {e}"),
     }
 }
@@ -234,14 +243,15 @@ impl Harness {
 }
 
 /// A verify: genuine (`Some(impersonation purpose?)`) or impostor (`None`,
-/// identity-verification purpose). Returns (store's answer, model's answer).
+/// identity-verification purpose); with `add`, an `add_template` of that
+/// seed. Returns (store's answer, model's answer).
 fn verify_step(
     h: &Harness,
     m: &mut Model,
     step: usize,
-    s: u8,
-    n: u8,
+    (s, n): (u8, u8),
     genuine: Option<bool>,
+    add: Option<u8>,
 ) -> (Answer, Answer) {
     let impersonation = genuine.unwrap_or(false);
     let si = s as usize;
@@ -253,12 +263,18 @@ fn verify_step(
         (None, Some(_)) => template_vec(s, n),
         (_, None) => vector(900_000 + u64::from(n)),
     };
+    let id = format!("subj-{s}");
+    let p = purpose(impersonation);
     let got = out(
-        h.store().verify(
-            &format!("subj-{s}"),
-            &purpose(impersonation),
-            common::emb(&probe),
-        ),
+        match add {
+            None => h.store().verify(&id, &p, common::emb(&probe)),
+            Some(seed) => h.store().add_template(
+                &id,
+                &p,
+                common::emb(&probe),
+                common::emb(&template_vec(s, seed)),
+            ),
+        },
         |d| {
             if d == Decision::Match {
                 Answer::Match
@@ -270,12 +286,15 @@ fn verify_step(
     let now = m.now;
     let want = match m.live(si, step) {
         Err(e) => e,
-        Ok(sub) if !sub.purposes.contains(&impersonation) => Answer::NotConsented,
+        Ok(sub) if add.is_some() && sub.templates.len() >= MAX_TEMPLATES => Answer::TooMany,
+        // The attempt limits come before the purpose.
         Ok(sub) if sub.failures >= HARD => Answer::Disabled,
         Ok(sub) if sub.failures >= SOFT && now < sub.last_failure + WAIT => {
             Answer::LockedOut(sub.last_failure + WAIT)
         }
+        Ok(sub) if !sub.purposes.contains(&impersonation) => Answer::NotConsented,
         Ok(sub) if genuine.is_some() => {
+            sub.templates.extend(add);
             sub.failures = 0;
             if day(now) != day(sub.last_interaction) {
                 sub.last_interaction = now;
@@ -335,14 +354,8 @@ fn run(ops: &[Op], deferred: bool) -> Result<(), TestCaseError> {
                     }
                 }
                 let want = match &mut m.subs[si] {
-                    Some(sub) if sub.templates.len() >= MAX_TEMPLATES => Answer::TooMany,
-                    Some(sub) => {
-                        sub.templates.push(seed);
-                        sub.purposes = purposes(both_purposes);
-                        sub.expiry = m.now + u64::from(days) * 86_400;
-                        (sub.failures, sub.last_failure, sub.last_interaction) = (0, 0, m.now);
-                        Answer::Ok
-                    }
+                    // Enrolling over a subject changes nothing.
+                    Some(_) => Answer::AlreadyEnrolled,
                     None => {
                         m.incarnations += 1;
                         m.subs[si] = Some(MSub {
@@ -363,8 +376,11 @@ fn run(ops: &[Op], deferred: bool) -> Result<(), TestCaseError> {
                 s,
                 template,
                 impersonation,
-            } => verify_step(&h, &mut m, step, s, template, Some(impersonation)),
-            Op::VerifyImpostor { s, seed } => verify_step(&h, &mut m, step, s, seed, None),
+            } => verify_step(&h, &mut m, step, (s, template), Some(impersonation), None),
+            Op::VerifyImpostor { s, seed } => verify_step(&h, &mut m, step, (s, seed), None, None),
+            Op::AddTemplate { s, template, seed } => {
+                verify_step(&h, &mut m, step, (s, template), Some(false), Some(seed))
+            }
             Op::Revoke { s } => {
                 let got = out(h.store().revoke(&format!("subj-{s}")), |_| Answer::Ok);
                 let want = if m.subs[s as usize].is_some() {

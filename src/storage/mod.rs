@@ -85,6 +85,13 @@ pub(crate) fn subject_key(bucket: u32, p: &Pseudonym) -> [u8; 37] {
     bucket_pseudonym_key(SUBJECT, bucket, p)
 }
 
+/// Prefix of every subject key of a bucket.
+pub(crate) fn subject_prefix(bucket: u32) -> [u8; 5] {
+    let mut k = [SUBJECT, 0, 0, 0, 0];
+    k[1..5].copy_from_slice(&bucket.to_be_bytes());
+    k
+}
+
 /// Key of a bucket's key table.
 pub(crate) fn key_table_key(bucket: u32) -> [u8; 5] {
     let mut k = [KEY_TABLE, 0, 0, 0, 0];
@@ -152,6 +159,30 @@ impl Writes {
             key_table_key(bucket).to_vec().into(),
             Some(table.into()),
         ));
+    }
+
+    /// Apply every queued write in one sled transaction over both trees:
+    /// after a crash, all of them or none. Costs more than [`Writes::apply`]
+    /// (sled pins its log for a transaction); used where no order makes
+    /// every prefix valid (a record and the key table that holds its DEK).
+    pub(crate) fn apply_atomic(self, db: &Db) -> Result<()> {
+        use sled::transaction::TransactionError;
+        use sled::Transactional;
+        (&db.records, &db.keys)
+            .transaction(|(r, k)| {
+                for (keys, key, v) in &self.0 {
+                    let t = if *keys { k } else { r };
+                    match v {
+                        Some(v) => t.insert(key.clone(), v.clone())?,
+                        None => t.remove(key.clone())?,
+                    };
+                }
+                Ok(())
+            })
+            .map_err(|e: TransactionError<()>| match e {
+                TransactionError::Storage(e) => Error::Storage(e),
+                TransactionError::Abort(()) => Error::tampered("sled transaction aborted"),
+            })
     }
 
     pub(crate) fn apply(self, db: &Db) -> Result<()> {

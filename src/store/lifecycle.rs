@@ -4,12 +4,19 @@
 use super::*;
 
 impl Store {
-    /// Enroll a template for `subject` under `consent`. The consent must name
-    /// at least one purpose, an evidence digest and an expiry in the future
-    /// within the store's maximum lifetime; it replaces any consent the
-    /// subject held. A subject may hold up to the configured number of
-    /// templates. Enrolling resets the failed-attempt counter. Durable when
-    /// it returns.
+    /// Enroll `subject` with its first template under `consent`. The consent
+    /// must name at least one purpose, an evidence digest and an expiry in
+    /// the future within the store's maximum lifetime. Durable when it
+    /// returns.
+    ///
+    /// A subject that is already enrolled is refused with
+    /// [`Error::AlreadyEnrolled`] and nothing changes (not its templates,
+    /// consent or failure counter; the refusal is audited): more templates
+    /// come only through [`Store::add_template`], consent changes only
+    /// through [`Store::renew_consent`] and [`Store::withdraw_purpose`], and
+    /// a disabled subject comes back only through [`Store::reset_attempts`]
+    /// or revoke and a new enrollment. A subject past its deadline is
+    /// destroyed first and then enrolled anew.
     pub fn enroll(&self, subject: &str, embedding: Embedding, consent: Consent) -> Result<()> {
         self.enroll_staged(subject, embedding, consent)?;
         self.flush()
@@ -51,11 +58,21 @@ impl Store {
         let consent = consent.accept(now, self.max_consent_lifetime)?;
         let (p, b, key) = self.locate(subject);
         let guard = self.lock(b);
-        let mut existing = self.load_subject(&p, b, &key)?;
-        if let Some(l) = &existing {
-            if let Some(reason) = self.overdue(l, now) {
-                existing = None;
-                self.destroy_expired(b, &p, reason, &guard)?;
+        if let Some(l) = self.load_subject(&p, b, &key)? {
+            match self.overdue(&l, now) {
+                Some(reason) => {
+                    drop(l);
+                    self.destroy_expired(b, &p, reason, &guard)?;
+                }
+                None => {
+                    self.log(
+                        now,
+                        AuditEntry::new(AuditEvent::Enroll)
+                            .subject(&p)
+                            .outcome(AuditOutcome::AlreadyEnrolled),
+                    )?;
+                    return Err(Error::AlreadyEnrolled);
+                }
             }
         }
         let state = SubjectState {
@@ -64,34 +81,17 @@ impl Store {
             last_interaction: now.unix_secs(),
         };
         let mut w = Writes::default();
-        let (dek, payload) = match existing {
-            Some(Loaded {
-                dek, mut payload, ..
-            }) => {
-                if payload.templates.len() >= self.max_templates {
-                    return Err(Error::TooManyTemplates {
-                        max: self.max_templates,
-                    });
-                }
-                payload.templates.push(template);
-                payload.consent = consent;
-                (dek, payload)
-            }
-            None => {
-                let dek = random::<32>()?;
-                // The key table first: a record must never exist without
-                // its DEK (an entry without a record is harmless).
-                w.put_table(b, self.table_with(&p, b, &dek)?);
-                let payload = SubjectPayload {
-                    consent,
-                    templates: vec![template],
-                };
-                (dek, payload)
-            }
-        };
+        let dek = random::<32>()?;
+        // The key table first: a record must never exist without its DEK
+        // (an entry without a record is harmless, and the bucket's next
+        // rotation drops it).
+        w.put_table(b, self.table_with(&p, b, &dek)?);
         let l = Loaded {
             dek,
-            payload,
+            payload: SubjectPayload {
+                consent,
+                templates: vec![template],
+            },
             state,
             sealed_payload: Vec::new(),
         };
@@ -108,22 +108,57 @@ impl Store {
     /// Is `probe` the enrolled person? Returns [`Decision`] and nothing else.
     ///
     /// Errors: [`Error::NotEnrolled`] for an unknown or revoked subject;
-    /// [`Error::PurposeNotConsented`]; [`Error::ConsentExpired`] or
-    /// [`Error::RetentionExpired`] when the subject is past its deadline, in
-    /// which case it is destroyed before this returns; [`Error::LockedOut`]
-    /// during the wait after repeated failures; [`Error::VerificationDisabled`]
-    /// after the hard limit. Every call is audited.
+    /// [`Error::LockedOut`] during the wait after repeated failures and
+    /// [`Error::VerificationDisabled`] after the hard limit (both checked
+    /// before the purpose); [`Error::PurposeNotConsented`];
+    /// [`Error::ConsentExpired`] or [`Error::RetentionExpired`] when the
+    /// subject is past its deadline, in which case it is destroyed before
+    /// this returns. Every call is audited.
+    ///
+    /// A `NoMatch` is written as a change that must not be undone: the
+    /// subject is re-sealed under a fresh DEK and its bucket's KEK rotated
+    /// (three syncs), so no older version of its record counts fewer
+    /// failures. An unknown subject, a locked-out or disabled one and an
+    /// unconsented purpose cost the same (a rotation of the bucket), so
+    /// that latency does not tell who is enrolled (SECURITY.md §11).
     pub fn verify(&self, subject: &str, purpose: &Purpose, probe: Embedding) -> Result<Decision> {
+        self.verify_and(subject, purpose, probe, None)
+    }
+
+    /// Add a template to an enrolled subject, but only if `probe` (a fresh
+    /// capture) matches first. The attempt is a verification in every
+    /// respect: it counts under the attempt limits and is audited; on
+    /// `NoMatch` nothing is added. Never resets a counter beyond what a
+    /// match does, never touches consent. Returns the decision; the template
+    /// was added exactly when it is [`Decision::Match`]. Durable when it
+    /// returns. [`Error::TooManyTemplates`] (checked before the comparison,
+    /// no attempt spent) when the subject holds the configured maximum.
+    pub fn add_template(
+        &self,
+        subject: &str,
+        purpose: &Purpose,
+        probe: Embedding,
+        new: Embedding,
+    ) -> Result<Decision> {
+        let new = new.quantize(self.dim)?;
+        self.verify_and(subject, purpose, probe, Some(new))
+    }
+
+    /// A verification, adding `add` to the templates on a match.
+    fn verify_and(
+        &self,
+        subject: &str,
+        purpose: &Purpose,
+        probe: Embedding,
+        add: Option<Template>,
+    ) -> Result<Decision> {
         check_subject(subject)?;
         let probe = probe.quantize(self.dim)?;
         let (p, b, key) = self.locate(subject);
         let guard = self.lock(b);
         let now = self.clock.now();
-        let (result, must_flush) =
-            match self.verify_locked(&p, b, &key, purpose, &probe, now, &guard) {
-                Ok((d, flush)) => (Ok(d), flush),
-                Err(e) => (Err(e), false),
-            };
+        let adding = add.is_some();
+        let result = self.verify_locked(&p, b, &key, purpose, &probe, add, now, &guard);
         let outcome = match &result {
             Ok(Decision::Match) => AuditOutcome::Match,
             Ok(Decision::NoMatch) => AuditOutcome::NoMatch,
@@ -133,6 +168,7 @@ impl Store {
             Err(Error::RetentionExpired) => AuditOutcome::RetentionExpired,
             Err(Error::PurposeNotConsented) => AuditOutcome::PurposeNotConsented,
             Err(Error::NotEnrolled) => AuditOutcome::NotEnrolled,
+            Err(Error::TooManyTemplates { .. }) => AuditOutcome::TooManyTemplates,
             Err(_) => AuditOutcome::Error,
         };
         self.log(
@@ -142,7 +178,17 @@ impl Store {
                 .purpose(purpose)
                 .outcome(outcome),
         )?;
-        if must_flush || self.durability == Durability::Immediate {
+        let added = adding && matches!(result, Ok(Decision::Match));
+        if added {
+            self.log(
+                now,
+                AuditEntry::new(AuditEvent::TemplateAdded)
+                    .subject(&p)
+                    .purpose(purpose)
+                    .outcome(AuditOutcome::Ok),
+            )?;
+        }
+        if added || self.durability == Durability::Immediate {
             self.flush()?;
         }
         result
@@ -164,7 +210,9 @@ impl Store {
     }
 
     /// Replace `subject`'s consent (new purposes, expiry, evidence). Counts
-    /// as an interaction for the inactivity limit.
+    /// as an interaction for the inactivity limit. Written irreversibly (the
+    /// subject re-keyed, its bucket rotated): no older version of the record
+    /// restores the previous consent.
     pub fn renew_consent(&self, subject: &str, consent: Consent) -> Result<ConsentStatus> {
         check_subject(subject)?;
         let now = self.clock.now();
@@ -178,16 +226,17 @@ impl Store {
         self.commit_subject(
             &p,
             b,
-            &l,
-            true,
+            l,
             now,
             AuditEntry::new(AuditEvent::ConsentRenewed),
+            &guard,
         )?;
         Ok(status)
     }
 
-    /// Withdraw one purpose. Withdrawing the last purpose revokes the
-    /// subject (and shreds it, under the immediate policy).
+    /// Withdraw one purpose, irreversibly (the subject re-keyed, its bucket
+    /// rotated). Withdrawing the last purpose revokes the subject (and
+    /// shreds it, under the immediate policy).
     pub fn withdraw_purpose(&self, subject: &str, purpose: &Purpose) -> Result<Withdrawal> {
         check_subject(subject)?;
         let now = self.clock.now();
@@ -204,7 +253,7 @@ impl Store {
             return self.revoke_locked(b, &p, &guard).map(Withdrawal::Revoked);
         }
         let remaining = l.payload.consent.purposes().cloned().collect();
-        self.commit_subject(&p, b, &l, true, now, entry)?;
+        self.commit_subject(&p, b, l, now, entry, &guard)?;
         Ok(Withdrawal::Remaining(remaining))
     }
 
@@ -219,8 +268,9 @@ impl Store {
         Ok(self.status(&l.payload.consent, &l.state))
     }
 
-    /// The verify steps that run under the bucket lock. Returns the
-    /// decision and whether the state change must be flushed now.
+    /// The verify steps that run under the bucket lock: load, attempt
+    /// limits, purpose, the comparison, and the state change (a failure
+    /// re-keys and rotates; see [`Store::verify`]).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn verify_locked(
         &self,
@@ -229,47 +279,69 @@ impl Store {
         key: &[u8],
         purpose: &Purpose,
         probe: &Template,
+        add: Option<Template>,
         now: Timestamp,
         guard: &BucketGuard<'_>,
-    ) -> Result<(Decision, bool)> {
-        let l = self.load_live(p, b, key, now, guard)?;
-        if !l.payload.consent.permits(purpose) {
-            return Err(Error::PurposeNotConsented);
-        }
-        let st = l.state;
-        if st.failures >= self.attempts.hard_limit {
-            return Err(Error::VerificationDisabled);
-        }
-        if st.failures >= self.attempts.soft_limit {
-            let until =
-                Timestamp::from_unix_secs(st.last_failure).saturating_add(self.attempts.wait);
-            if now < until {
-                return Err(Error::LockedOut { until });
+    ) -> Result<Decision> {
+        let mut l = match self.load_live(p, b, key, now, guard) {
+            Ok(l) => l,
+            Err(Error::NotEnrolled) => {
+                self.decoy(b, probe, guard)?;
+                return Err(Error::NotEnrolled);
             }
+            Err(e) => return Err(e),
+        };
+        if add.is_some() && l.payload.templates.len() >= self.max_templates {
+            return Err(Error::TooManyTemplates {
+                max: self.max_templates,
+            });
+        }
+        let allowed = self.attempt_allowed(&l.state, now).and_then(|()| {
+            if l.payload.consent.permits(purpose) {
+                Ok(())
+            } else {
+                Err(Error::PurposeNotConsented)
+            }
+        });
+        if let Err(e) = allowed {
+            self.refusal_cost(b, &l, probe, guard)?;
+            return Err(e);
         }
         let decision = matcher::decide(&l.payload.templates, probe, self.threshold);
-        let mut next = st;
+        let st = l.state;
         match decision {
             Decision::Match => {
-                next.failures = 0;
+                l.state.failures = 0;
                 // Day granularity: at most one write per subject per day.
                 if day_of(now.unix_secs()) != day_of(st.last_interaction) {
-                    next.last_interaction = now.unix_secs();
+                    l.state.last_interaction = now.unix_secs();
+                }
+                let reseal = match add {
+                    Some(t) => {
+                        l.payload.templates.push(t);
+                        true
+                    }
+                    None => false,
+                };
+                // Lowering the counter or adding a template need not be
+                // made irreversible: an older version spliced back only
+                // counts more failures or holds fewer templates.
+                if reseal || l.state != st {
+                    let mut w = Writes::default();
+                    self.put_subject(&mut w, p, b, &l, reseal)?;
+                    w.apply(&self.db)?;
                 }
             }
             Decision::NoMatch => {
-                next.failures = st.failures.saturating_add(1);
-                next.last_failure = now.unix_secs();
+                l.state.failures = st.failures.saturating_add(1);
+                l.state.last_failure = now.unix_secs();
+                // Durable before the answer, and irreversible: crashing the
+                // service or splicing an older record back must not give
+                // back an attempt.
+                self.rekey(p, b, l, guard)?;
             }
         }
-        if next != st {
-            let mut w = Writes::default();
-            self.put_subject(&mut w, p, b, &Loaded { state: next, ..l }, false)?;
-            w.apply(&self.db)?;
-        }
-        // A failure must survive a crash: otherwise crashing the service
-        // would reset the counter.
-        Ok((decision, next.failures > st.failures))
+        Ok(decision)
     }
 
     /// Destroy a subject, then log and flush its revocation.

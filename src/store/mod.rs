@@ -22,7 +22,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 const KEYRING_FILE: &str = "keyring";
 const DB_DIR: &str = "db";
@@ -121,6 +121,10 @@ pub struct Store {
     /// comparison and counter update are one step, and no rotation of the
     /// bucket runs in between.
     locks: Vec<Mutex<()>>,
+    /// Stand-ins for the decoy work of an unknown subject's verify: a
+    /// payload the size of a one-template subject's, and a template.
+    decoy_payload: Vec<u8>,
+    decoy_template: Template,
 }
 
 impl fmt::Debug for Store {
@@ -257,6 +261,11 @@ impl Store {
             max_inactivity: config.max_inactivity,
             durability: config.durability,
             locks: (0..buckets).map(|_| Mutex::new(())).collect(),
+            decoy_payload: vec![0u8; SubjectPayload::encoded_len(dim, 1)],
+            decoy_template: Embedding::new(
+                (0..dim).map(|i| if i == 0 { 1.0 } else { 0.0 }).collect(),
+            )
+            .quantize(dim)?,
         };
         store.recover()?;
         Ok(store)
@@ -282,6 +291,12 @@ impl Store {
             generation_min,
             generation_max,
         })
+    }
+
+    /// The sled database, for the raw-access test hooks.
+    #[cfg(feature = "failpoints")]
+    pub(crate) fn raw_db(&self) -> &sled::Db {
+        &self.db.db
     }
 
     /// The store's directory.

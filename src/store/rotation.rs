@@ -2,6 +2,9 @@
 
 use super::*;
 
+/// A bucket's DEKs opened for a rotation, sorted by pseudonym.
+pub(super) type Deks = Vec<(Pseudonym, Zeroizing<Vec<u8>>)>;
+
 impl Store {
     /// Complete every pending shred (see [`ShredPolicy::Deferred`]). Returns
     /// the number of buckets rotated.
@@ -16,7 +19,7 @@ impl Store {
                 }
             }
             if !work.is_empty() {
-                self.rotate_many(&work, &guards.iter().collect::<Vec<_>>())?;
+                self.rotate_many(&work, &guards.iter().collect::<Vec<_>>(), false)?;
                 n += work.len();
             }
         }
@@ -44,7 +47,7 @@ impl Store {
     ) -> Result<bool> {
         match self.shred_policy {
             ShredPolicy::Immediate => {
-                self.rotate_many(&[(b, ps.to_vec())], &[guard])?;
+                self.rotate_many(&[(b, ps.to_vec())], &[guard], false)?;
                 Ok(true)
             }
             ShredPolicy::Deferred => {
@@ -145,24 +148,32 @@ impl Store {
         &self,
         work: &[(u32, Vec<Pseudonym>)],
         _guards: &[&BucketGuard<'_>],
+        strict: bool,
     ) -> Result<()> {
         for (b, _) in work {
             if self.keyring.is_rotating(*b)? {
                 self.complete_rotation(*b)?;
             }
         }
+        // Every table is opened before the keyring changes: a strict
+        // rotation that finds a table it cannot open changes nothing.
+        let mut opened = Vec::with_capacity(work.len());
+        for (b, remove) in work {
+            opened.push(self.open_table(*b, remove, None, strict)?);
+        }
         let buckets: Vec<u32> = work.iter().map(|(b, _)| *b).collect();
         let gens = self.keyring.begin_rotations(&buckets)?;
         let mut w = Writes::default();
         let mut tables = Vec::with_capacity(work.len());
-        for ((b, remove), &gen) in work.iter().zip(&gens) {
-            // A bucket with a pending shred may hold entries of subjects a
-            // deferred revocation removed: drop every entry without a record.
-            let thorough = self.db.records.contains_key(storage::pending_key(*b))?;
+        for (((b, remove), &gen), deks) in work.iter().zip(&gens).zip(&opened) {
             for p in remove {
                 self.remove_subject(&mut w, *b, p)?;
             }
-            tables.push((*b, self.rewrap_table(*b, gen, remove, thorough)?));
+            let t = match deks {
+                Some(d) => Some(self.seal_table(*b, gen, d)?),
+                None => None,
+            };
+            tables.push((*b, t));
         }
         for (b, table) in tables {
             if let Some(t) = table {
@@ -191,7 +202,7 @@ impl Store {
     /// record (a removal the crash interrupted), then zero the old slot.
     pub(super) fn complete_rotation(&self, b: u32) -> Result<()> {
         let newest = self.keyring.with_newest(b, |g, _| g)?;
-        if let Some(t) = self.rewrap_table(b, newest, &[], true)? {
+        if let Some(t) = self.rewrap_table(b, newest, &[], None)? {
             self.db.keys.insert(storage::key_table_key(b), t)?;
         }
         self.log(
@@ -204,38 +215,130 @@ impl Store {
         self.keyring.finish_rotation(b)
     }
 
-    /// Bucket `b`'s key table re-wrapped under `new_gen`, without the entries
-    /// of `remove` (and, if `thorough`, without entries that have no record).
-    /// `None` if the bucket has no table or it cannot be parsed: it is left
-    /// as it is. An entry that cannot be unwrapped (tampered, or under a
-    /// shredded key) is dropped: it was unreadable before and stays so, and
-    /// it must not block a revocation.
+    /// Re-seal subject `p` (as `l` holds it) under a fresh DEK and rotate
+    /// its bucket in the same step (caller holds the lock). Every older
+    /// version of the subject's record and of the bucket's key table that
+    /// the data files still hold is then under a DEK wrapped only under a
+    /// KEK that exists nowhere: spliced back, it does not open. This is how
+    /// a change that must not be undone (a failure counted, a disable, a
+    /// purpose withdrawn, consent replaced, a reset) is written.
+    ///
+    /// Order: the new KEK is synced into the keyring first; then the
+    /// record and the re-wrapped table are written in one sled transaction
+    /// (a crash leaves the old pair or the new pair, never a record whose
+    /// DEK is not in the table); sled is synced; the old slot is zeroed.
+    pub(super) fn rekey(
+        &self,
+        p: &Pseudonym,
+        b: u32,
+        l: Loaded,
+        _guard: &BucketGuard<'_>,
+    ) -> Result<()> {
+        if self.keyring.is_rotating(b)? {
+            self.complete_rotation(b)?;
+        }
+        let dek = random::<32>()?;
+        let deks = self
+            .open_table(b, &[], Some((p, &dek)), true)?
+            .ok_or(Error::tampered("bucket key table"))?;
+        let gen = self
+            .keyring
+            .begin_rotations(&[b])?
+            .first()
+            .copied()
+            .ok_or(Error::tampered("keyring rotation state"))?;
+        let table = self.seal_table(b, gen, &deks)?;
+        let l = Loaded {
+            dek,
+            sealed_payload: Vec::new(),
+            ..l
+        };
+        let mut w = Writes::default();
+        self.put_subject(&mut w, p, b, &l, true)?;
+        w.put_table(b, table);
+        w.remove(storage::pending_key(b).as_slice());
+        w.apply_atomic(&self.db)?;
+        failpoint::hit("rekey:applied");
+        self.log(
+            self.clock.now(),
+            AuditEntry::new(AuditEvent::KeyRotation)
+                .rotation(b, gen)
+                .outcome(AuditOutcome::Ok),
+        )?;
+        self.flush()?;
+        failpoint::hit("rekey:flushed");
+        self.keyring.finish_rotations(&[b])
+    }
+
+    /// Bucket `b`'s key table re-wrapped under `new_gen` (see
+    /// [`Store::open_table`], lenient), or `None` if there is nothing to
+    /// re-wrap.
     pub(super) fn rewrap_table(
         &self,
         b: u32,
         new_gen: u64,
         remove: &[Pseudonym],
-        thorough: bool,
+        replace: Option<(&Pseudonym, &[u8; 32])>,
     ) -> Result<Option<Vec<u8>>> {
-        let Some(v) = self.db.keys.get(storage::key_table_key(b))? else {
-            return Ok(None);
+        match self.open_table(b, remove, replace, false)? {
+            Some(deks) => self.seal_table(b, new_gen, &deks).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The DEKs bucket `b`'s key table should carry into its next
+    /// generation: only those of subjects that have a record and are not in
+    /// `remove`; with `replace`, that subject's entry holds the given new
+    /// DEK (added if the table has none). Every rotation drops entries
+    /// without a record, so a revoked subject's DEK is never carried into a
+    /// new generation, whatever happened to the pending-shred marker.
+    ///
+    /// Lenient (`strict` false: revocations, expiries, shreds, recovery): a
+    /// table that does not parse gives `None` and is left as it is; an
+    /// entry that cannot be unwrapped (tampered, or under a shredded key)
+    /// is dropped: it was unreadable before and stays so, and it must not
+    /// block a revocation. Strict (changes that destroy nothing: a failure
+    /// counted, a consent change, a decoy): any of these is
+    /// [`Error::Tampered`], so that a tampered table never costs another
+    /// subject its key.
+    pub(super) fn open_table(
+        &self,
+        b: u32,
+        remove: &[Pseudonym],
+        replace: Option<(&Pseudonym, &[u8; 32])>,
+        strict: bool,
+    ) -> Result<Option<Deks>> {
+        let bad = Error::tampered("bucket key table (an entry does not open)");
+        let table = match self.db.keys.get(storage::key_table_key(b))? {
+            Some(v) => match DekTable::decode(&v) {
+                Ok(t) => t,
+                Err(e) if strict => return Err(e),
+                Err(_) => return Ok(None),
+            },
+            None if replace.is_some() => DekTable::new(0),
+            None => return Ok(None),
         };
-        let Ok(table) = DekTable::decode(&v) else {
-            return Ok(None);
-        };
+        // The bucket's live subjects: one range scan of its records.
+        let mut live = std::collections::HashSet::new();
+        for kv in self.db.records.scan_prefix(storage::subject_prefix(b)) {
+            let (k, _) = kv?;
+            if let Some((_, p)) = storage::parse_subject_key(&k) {
+                live.insert(p.0);
+            }
+        }
         let store_id = self.keyring.header().store_id;
         let mut keep = Vec::with_capacity(table.entries.len());
         for (p, wrapped) in &table.entries {
             let p = Pseudonym(*p);
-            if remove.contains(&p)
-                || (thorough && !self.db.records.contains_key(storage::subject_key(b, &p))?)
-            {
+            if remove.contains(&p) || replace.is_some_and(|(r, _)| *r == p) {
                 continue;
             }
             keep.push((p, wrapped));
         }
         let old = table.generation;
-        let deks: Vec<(Pseudonym, Zeroizing<Vec<u8>>)> =
+        let mut deks: Vec<(Pseudonym, Zeroizing<Vec<u8>>)> = if keep.is_empty() {
+            Vec::new()
+        } else {
             match self.keyring.with_kek(b, old, |kek| {
                 keep.iter()
                     .filter_map(|(p, w)| {
@@ -244,16 +347,35 @@ impl Store {
                             .filter(|d| d.len() == 32)
                             .map(|d| (*p, d))
                     })
-                    .collect()
+                    .collect::<Vec<_>>()
             })? {
                 Kek::Found(d) => d,
+                Kek::Shredded | Kek::Unknown if strict => return Err(bad),
                 Kek::Shredded | Kek::Unknown => Vec::new(),
-            };
+            }
+        };
+        // Strict: every entry must open, even one about to be dropped (an
+        // edited pseudonym makes an entry look orphaned; it does not open).
+        if strict && deks.len() != keep.len() {
+            return Err(bad);
+        }
+        deks.retain(|(p, _)| live.contains(&p.0));
+        if let Some((p, dek)) = replace {
+            deks.push((*p, Zeroizing::new(dek.to_vec())));
+            deks.sort_by_key(|d| d.0 .0);
+        }
+        Ok(Some(deks))
+    }
+
+    /// A key table of generation `gen` wrapping `deks` (sorted by
+    /// pseudonym) under bucket `b`'s KEK of that generation.
+    pub(super) fn seal_table(&self, b: u32, gen: u64, deks: &Deks) -> Result<Vec<u8>> {
+        let store_id = self.keyring.header().store_id;
         let nonces = crate::crypto::random_nonces(deks.len())?;
-        let rewrapped = match self.keyring.with_kek(b, new_gen, |kek| {
-            let mut out = DekTable::new(new_gen);
+        let table = match self.keyring.with_kek(b, gen, |kek| {
+            let mut out = DekTable::new(gen);
             for ((p, dek), nonce) in deks.iter().zip(&nonces) {
-                let sealed = kek.seal_with_nonce(nonce, &dek_aad(&store_id, p, b, new_gen), dek)?;
+                let sealed = kek.seal_with_nonce(nonce, &dek_aad(&store_id, p, b, gen), dek)?;
                 out.entries.push((p.0, to_wrapped(&sealed)?));
             }
             Ok::<_, Error>(out)
@@ -261,6 +383,6 @@ impl Store {
             Kek::Found(t) => t?,
             _ => return Err(Error::tampered("keyring rotation state")),
         };
-        Ok(Some(rewrapped.encode()))
+        Ok(table.encode())
     }
 }

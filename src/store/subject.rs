@@ -81,20 +81,19 @@ impl Store {
         Ok(())
     }
 
-    /// Write a subject durably with its audit entry: its writes, the entry,
-    /// one flush.
+    /// Write a change that must not be undone, durably, with its audit
+    /// entry: the subject re-sealed under a fresh DEK and its bucket rotated
+    /// ([`Store::rekey`]), then the entry and one flush.
     pub(super) fn commit_subject(
         &self,
         p: &Pseudonym,
         b: u32,
-        l: &Loaded,
-        reseal: bool,
+        l: Loaded,
         now: Timestamp,
         entry: AuditEntry,
+        guard: &BucketGuard<'_>,
     ) -> Result<()> {
-        let mut w = Writes::default();
-        self.put_subject(&mut w, p, b, l, reseal)?;
-        w.apply(&self.db)?;
+        self.rekey(p, b, l, guard)?;
         self.log(now, entry.subject(p).outcome(AuditOutcome::Ok))?;
         self.flush()
     }

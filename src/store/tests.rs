@@ -103,7 +103,7 @@ fn rotation_interrupted_before_zeroing_is_completed_on_open() {
         populate(&store, 6);
         let g = store.keyring.begin_rotation(0).expect("begin");
         let t = store
-            .rewrap_table(0, g, &[], false)
+            .rewrap_table(0, g, &[], None)
             .expect("rewrap")
             .expect("table");
         store
