@@ -222,9 +222,78 @@ fn open_sled(path: &Path, cache_bytes: u64) -> Result<sled::Db> {
     }
 }
 
+/// Makes what sled has written durable. sled 0.34's `flush` writes its
+/// buffers and then calls `sync_file_range`, which flushes no device cache
+/// and no metadata, and it never syncs the blob files it writes for large
+/// values or the directory entries of new files. So every durability point
+/// of bioseal is `flush` followed by [`Syncer::sync`]: `fdatasync` of sled's
+/// log file, and `fsync` of every blob file not yet synced and of the blob
+/// directory.
+pub(crate) struct Syncer {
+    log: std::fs::File,
+    blobs: std::path::PathBuf,
+    synced_blobs: std::sync::Mutex<std::collections::HashSet<std::ffi::OsString>>,
+}
+
+impl Syncer {
+    fn new(path: &Path) -> Result<Syncer> {
+        let log = std::fs::File::open(path.join("db"))?;
+        Ok(Syncer {
+            log,
+            blobs: path.join("blobs"),
+            synced_blobs: std::sync::Mutex::new(std::collections::HashSet::new()),
+        })
+    }
+
+    /// `sled::Db::flush`, then `fdatasync` everything it wrote.
+    pub(crate) fn flush(&self, db: &sled::Db) -> Result<()> {
+        db.flush()?;
+        self.sync()
+    }
+
+    /// `fdatasync` sled's log; `fsync` new blob files and their directory.
+    pub(crate) fn sync(&self) -> Result<()> {
+        self.log.sync_data()?;
+        let mut seen = self.synced_blobs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut new = false;
+        if let Ok(dir) = std::fs::read_dir(&self.blobs) {
+            for e in dir {
+                let e = e?;
+                if !seen.contains(&e.file_name()) {
+                    std::fs::File::open(e.path())?.sync_all()?;
+                    seen.insert(e.file_name());
+                    new = true;
+                }
+            }
+        }
+        if new {
+            std::fs::File::open(&self.blobs)?.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
+/// `fsync` every file below `dir` and every directory, `dir` included
+/// (after creating a store: sled syncs none of the directory entries it
+/// creates).
+pub(crate) fn sync_tree(dir: &Path) -> Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        if e.file_type()?.is_dir() {
+            sync_tree(&e.path())?;
+        } else {
+            std::fs::File::open(e.path())?.sync_all()?;
+        }
+    }
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
 /// The sled database of a store.
 pub(crate) struct Db {
     pub(crate) db: sled::Db,
+    /// Durability: see [`Syncer`].
+    pub(crate) syncer: std::sync::Arc<Syncer>,
     pub(crate) records: sled::Tree,
     pub(crate) meta: sled::Tree,
     pub(crate) audit: sled::Tree,
@@ -244,7 +313,13 @@ impl Db {
         let meta = db.open_tree("meta")?;
         let audit = db.open_tree("audit")?;
         let keys = db.open_tree("keys")?;
+        db.flush()?;
+        sync_tree(path)?;
+        if let Some(parent) = path.parent() {
+            std::fs::File::open(parent)?.sync_all()?;
+        }
         Ok(Db {
+            syncer: std::sync::Arc::new(Syncer::new(path)?),
             db,
             records,
             meta,
@@ -268,8 +343,12 @@ impl Db {
 
     pub(crate) fn set_store_id(&self, id: &[u8; 16]) -> Result<()> {
         self.meta.insert(STORE_ID_KEY, id.as_slice())?;
-        self.db.flush()?;
-        Ok(())
+        self.flush()
+    }
+
+    /// Make everything written so far durable (see [`Syncer`]).
+    pub(crate) fn flush(&self) -> Result<()> {
+        self.syncer.flush(&self.db)
     }
 
     /// Buckets with a pending shred.

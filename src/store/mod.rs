@@ -171,6 +171,9 @@ impl Store {
             b.recursive(true);
             std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
             b.create(&dir)?;
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::File::open(parent)?.sync_all()?;
+            }
         }
         let kpath = dir.join(KEYRING_FILE);
         let dbpath = dir.join(DB_DIR);
@@ -214,7 +217,7 @@ impl Store {
             Durability::Immediate => None,
             Durability::GroupCommit { interval } => {
                 let (tx, rx) = std::sync::mpsc::channel::<()>();
-                let (drainer, sled_db) = (audit.inner(), db.db.clone());
+                let (drainer, sled_db, syncer) = (audit.inner(), db.db.clone(), db.syncer.clone());
                 let handle = std::thread::Builder::new()
                     .name("bioseal-flusher".into())
                     .spawn(move || {
@@ -232,7 +235,7 @@ impl Store {
                                 }
                                 Err(e) => {
                                     let _ = drainer.drain();
-                                    let _ = sled_db.flush();
+                                    let _ = syncer.flush(&sled_db);
                                     if e == std::sync::mpsc::RecvTimeoutError::Disconnected {
                                         break;
                                     }
@@ -308,7 +311,7 @@ impl Store {
     /// sled, then sled's log to disk.
     fn flush(&self) -> Result<()> {
         self.audit.inner().drain()?;
-        self.db.db.flush()?;
+        self.db.flush()?;
         Ok(())
     }
 

@@ -111,7 +111,7 @@ fn rotation_interrupted_before_zeroing_is_completed_on_open() {
             .keys
             .insert(storage::key_table_key(0), t)
             .expect("insert");
-        store.db.db.flush().expect("flush");
+        store.db.flush().expect("flush");
     }
     let store = Store::open(config(dir.path(), ShredPolicy::Immediate)).expect("reopen");
     assert!(keyring_slot_bytes(dir.path()).0.iter().all(|&x| x == 0));
