@@ -35,7 +35,8 @@ fn setup() -> Setup {
         tempfile::tempdir().expect("tempdir"),
     );
     let store = Store::open(
-        StoreConfig::new(a.path(), RootKey::from_bytes([3; 32]))
+        StoreConfig::new(a.path().join("data"), RootKey::from_bytes([3; 32]))
+            .key_dir(a.path().join("keys"))
             .model("bench", DIM)
             .threshold(Threshold::cosine(THRESHOLD)),
     )

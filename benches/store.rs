@@ -19,7 +19,8 @@ const N: usize = 10_000;
 
 fn open(dir: &std::path::Path, durability: Durability) -> Store {
     Store::open(
-        StoreConfig::new(dir, RootKey::from_bytes([3; 32]))
+        StoreConfig::new(dir.join("data"), RootKey::from_bytes([3; 32]))
+            .key_dir(dir.join("keys"))
             .model("bench", DIM)
             .threshold(Threshold::cosine(0.5))
             .durability(durability),

@@ -66,7 +66,8 @@ fn main() -> Result<(), Error> {
         .map_or(0, |d| d.as_secs());
     let clock = ManualClock::new(Timestamp::from_unix_secs(start));
     let store = Store::open(
-        StoreConfig::new(dirs.0.path(), RootKey::from_bytes([3; 32]))
+        StoreConfig::new(dirs.0.path().join("data"), RootKey::from_bytes([3; 32]))
+            .key_dir(dirs.0.path().join("keys"))
             .model("bench", DIM)
             .threshold(Threshold::cosine(THRESHOLD))
             .cache_bytes(env("BIOSEAL_PERF_CACHE_MB", 1024) as u64 * (1 << 20))

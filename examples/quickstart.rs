@@ -42,6 +42,7 @@ fn main() -> Result<(), Error> {
 
     let store = Store::open(
         StoreConfig::new(data.path(), RootKey::from_file(&key_path)?)
+            .key_dir(secrets.path()) // the keyring, outside the data dir too
             .model("synthetic-512", DIM)
             .threshold(Threshold::cosine(0.36)),
     )?;

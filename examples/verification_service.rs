@@ -221,7 +221,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // A demo key: a real service reads its root key from a 0600 file or a
     // KeyProvider (HSM/KMS), never from code.
     let store = Store::open(
-        StoreConfig::new(&dir, RootKey::from_bytes([7; 32]))
+        StoreConfig::new(dir.join("data"), RootKey::from_bytes([7; 32]))
+            .key_dir(dir.join("keys"))
             .model("demo", 512)
             .threshold(Threshold::cosine(0.5)),
     )?;

@@ -68,6 +68,11 @@ pub enum AuditEvent {
     AttemptsReset,
     /// A template was added after a matching probe.
     TemplateAdded,
+    /// The store was opened on data older than the keyring's high-water
+    /// mark, by the operator's explicit choice (`count`: marks rolled back).
+    RollbackAccepted,
+    /// The match threshold kept in the keyring was changed.
+    ThresholdChanged,
 }
 
 /// How it ended.
@@ -185,9 +190,9 @@ pub(crate) struct Inner {
     seal: AeadKey,
     /// Next sequence number, and entries not yet sealed and written.
     queue: Mutex<Queue>,
-    /// MAC of the last written entry. Held for a whole drain, which
-    /// serialises drains.
-    chain: Mutex<[u8; 32]>,
+    /// MAC of the last written entry and the number of entries written.
+    /// Held for a whole drain, which serialises drains.
+    chain: Mutex<([u8; 32], u64)>,
 }
 
 struct Queue {
@@ -277,11 +282,11 @@ impl Inner {
                     .serialize(e)
                     .map_err(|_| Error::Config("audit entry encoding".into()))?;
                 let sealed = self.seal.seal_with_nonce(nonce, &entry_aad(e.seq), &body)?;
-                let m = mac(&self.key, &chain, &sealed);
+                let m = mac(&self.key, &chain.0, &sealed);
                 value.extend_from_slice(&((sealed.len() + MAC_LEN) as u32).to_be_bytes());
                 value.extend_from_slice(&sealed);
                 value.extend_from_slice(&m);
-                *chain = m;
+                *chain = (m, e.seq + 1);
             }
             // One insert per segment: no sled batch, whose write lock would
             // stall every concurrent read.
@@ -289,9 +294,44 @@ impl Inner {
         }
         Ok(())
     }
+
+    /// The head of what has been written (drained) so far.
+    pub(crate) fn head(&self) -> AuditHead {
+        let chain = self.chain.lock().unwrap_or_else(|e| e.into_inner());
+        AuditHead {
+            entries: chain.1,
+            last_mac: chain.0,
+        }
+    }
 }
 
 impl AuditLog {
+    /// Whether the stored log holds the entry `anchor` ends at, unchanged
+    /// (one segment read: for `Store::open`'s rollback check).
+    pub(crate) fn holds(&self, anchor: &AuditHead) -> Result<bool> {
+        let Some(last) = anchor.entries.checked_sub(1) else {
+            return Ok(true);
+        };
+        let Some((k, v)) = self
+            .inner
+            .tree
+            .range(..=last.to_be_bytes())
+            .next_back()
+            .transpose()?
+        else {
+            return Ok(false);
+        };
+        let Ok(first) = <[u8; 8]>::try_from(k.as_ref()) else {
+            return Ok(false);
+        };
+        let (entries, _) = entries_of(&v);
+        let i = last - u64::from_be_bytes(first);
+        Ok(usize::try_from(i)
+            .ok()
+            .and_then(|i| entries.get(i))
+            .is_some_and(|(_, m)| bool::from(m.ct_eq(&anchor.last_mac))))
+    }
+
     pub(crate) fn open(tree: sled::Tree, audit_key: &[u8; 32]) -> Result<Self> {
         let (next_seq, last) = match tree.last()? {
             None => (0, [0u8; 32]),
@@ -325,7 +365,7 @@ impl AuditLog {
                     next_seq,
                     entries: Vec::new(),
                 }),
-                chain: Mutex::new(last),
+                chain: Mutex::new((last, next_seq)),
             }),
         })
     }

@@ -105,6 +105,8 @@ pub enum ShredPolicy {
 /// ```
 pub struct StoreConfig {
     pub(crate) dir: PathBuf,
+    pub(crate) key_dir: Option<PathBuf>,
+    pub(crate) accept_rollback: bool,
     pub(crate) key: Box<dyn KeyProvider>,
     pub(crate) model: Option<(String, usize)>,
     pub(crate) threshold: Option<Threshold>,
@@ -125,6 +127,8 @@ impl StoreConfig {
     pub fn new(dir: impl Into<PathBuf>, key: impl KeyProvider + 'static) -> Self {
         StoreConfig {
             dir: dir.into(),
+            key_dir: None,
+            accept_rollback: false,
             key: Box::new(key),
             model: None,
             threshold: None,
@@ -140,6 +144,27 @@ impl StoreConfig {
         }
     }
 
+    /// The key directory: where the keyring lives (file `bioseal.keyring`),
+    /// outside the data directory, so that no copy or backup of the data
+    /// carries it. Required; refused inside the data directory. Keep the
+    /// root key file there too (or in an HSM), never in the data directory.
+    pub fn key_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.key_dir = Some(dir.into());
+        self
+    }
+
+    /// Open data that is older than the keyring's high-water mark (a copy
+    /// or backup of the data directory put back over the live one), which
+    /// [`crate::Store::open`] otherwise refuses with
+    /// [`crate::Error::RolledBack`]. The acceptance is audited and the mark
+    /// moves past both, so the newer data cannot later come back silently.
+    /// Subjects of buckets rotated since the copy was taken answer
+    /// `KeyUnavailable`: their keys are gone, by design.
+    pub fn accept_rollback(mut self, accept: bool) -> Self {
+        self.accept_rollback = accept;
+        self
+    }
+
     /// The embedding model's id (1–64 bytes) and dimension (1–4096). Fixed
     /// when the store is created; opening with another model fails.
     pub fn model(mut self, id: impl Into<String>, dimension: usize) -> Self {
@@ -147,7 +172,11 @@ impl StoreConfig {
         self
     }
 
-    /// The decision threshold.
+    /// The decision threshold, a cosine in (0, 1]. Required to create a
+    /// store; it is then kept in the authenticated keyring, and opening
+    /// with another value is refused (change it with
+    /// [`crate::Store::set_threshold`], audited). Leave it unset to open a
+    /// store with the threshold it holds.
     pub fn threshold(mut self, t: Threshold) -> Self {
         self.threshold = Some(t);
         self
@@ -234,7 +263,7 @@ impl StoreConfig {
     }
 
     /// Check every setting; returns (model id, dimension, threshold).
-    pub(crate) fn validate(&self) -> Result<(String, usize, Threshold)> {
+    pub(crate) fn validate(&self) -> Result<(String, usize, Option<Threshold>)> {
         let (id, dim) = self
             .model
             .clone()
@@ -249,13 +278,12 @@ impl StoreConfig {
                 "dimension must be 1-{MAX_DIMENSION}"
             )));
         }
-        let t = self
-            .threshold
-            .ok_or_else(|| Error::Config("no threshold set (StoreConfig::threshold)".into()))?;
-        if !t.is_valid() {
-            return Err(Error::Config(
-                "threshold must be a finite cosine in [-1, 1]".into(),
-            ));
+        if let Some(t) = self.threshold {
+            if !t.is_valid() {
+                return Err(Error::Config(
+                    "threshold must be a finite cosine above 0 and at most 1".into(),
+                ));
+            }
         }
         if !(1..=64).contains(&self.max_templates) {
             return Err(Error::Config("max_templates must be 1-64".into()));
@@ -275,7 +303,7 @@ impl StoreConfig {
                 ));
             }
         }
-        Ok((id, dim, t))
+        Ok((id, dim, self.threshold))
     }
 }
 
@@ -283,6 +311,8 @@ impl fmt::Debug for StoreConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("StoreConfig")
             .field("dir", &self.dir)
+            .field("key_dir", &self.key_dir)
+            .field("accept_rollback", &self.accept_rollback)
             .field("key", &format_args!("[REDACTED]"))
             .field("model", &self.model)
             .field("threshold", &self.threshold)

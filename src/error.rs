@@ -132,6 +132,21 @@ pub enum Error {
     /// The sled data and the keyring belong to different stores.
     #[error("the data directory and the keyring belong to different stores")]
     StoreMismatch,
+    /// The data is older than the high-water mark the keyring recorded at
+    /// the last security-relevant event: a copy of the data directory (or a
+    /// backup) was put back over the live one. Opening it anyway takes
+    /// `StoreConfig::accept_rollback` (audited).
+    #[error("the data is older than the keyring's high-water mark ({data} < {keyring}): it was rolled back to an older copy; open with accept-rollback only if that was intended")]
+    RolledBack {
+        /// The data's high-water mark.
+        data: u64,
+        /// The keyring's.
+        keyring: u64,
+    },
+    /// A store in a layout this version does not open; the message says
+    /// what to do.
+    #[error("old store layout: {0}")]
+    LegacyLayout(String),
     /// The configuration is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),

@@ -99,7 +99,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let clock = ManualClock::new(Timestamp::from_unix_secs(1_000));
         let store = Store::open(
-            StoreConfig::new(dir.path(), RootKey::from_bytes([1; 32]))
+            StoreConfig::new(dir.path().join("data"), RootKey::from_bytes([1; 32]))
+                .key_dir(dir.path().join("keys"))
                 .model("m", 4)
                 .threshold(Threshold::cosine(0.5))
                 .buckets(8)
@@ -114,7 +115,7 @@ mod tests {
             .expect("enroll");
         let dek = store.test_dek("alice").expect("dek");
         drop(store);
-        let recs = subject_records(dir.path()).expect("records");
+        let recs = subject_records(dir.path().join("data")).expect("records");
         assert_eq!(recs.len(), 1);
         assert!(recs[0].payload.opens_with(&dek));
         assert!(!recs[0].payload.opens_with(&[0u8; 32]));

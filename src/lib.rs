@@ -29,12 +29,13 @@
 //!
 //! # fn main() -> Result<(), Error> {
 //! let data = tempfile::tempdir()?;           // the data directory
-//! let secrets = tempfile::tempdir()?;        // elsewhere: the root key
+//! let secrets = tempfile::tempdir()?;        // elsewhere: root key and keyring
 //! let key_path = secrets.path().join("root.key");
 //! RootKey::generate()?.write_new_file(&key_path)?;   // mode 0600
 //!
 //! let store = Store::open(
 //!     StoreConfig::new(data.path(), RootKey::from_file(&key_path)?)
+//!         .key_dir(secrets.path())                // the keyring lives beside the root key
 //!         .model("example-model", 4)
 //!         .threshold(Threshold::cosine(0.8)),
 //! )?;

@@ -52,8 +52,10 @@ impl Threshold {
         self.cosine
     }
 
+    /// A usable threshold: a finite cosine above 0 and at most 1 (at or
+    /// below 0, a random face matches about half the time).
     pub(crate) fn is_valid(&self) -> bool {
-        self.cosine.is_finite() && (-1.0..=1.0).contains(&self.cosine)
+        self.cosine.is_finite() && self.cosine > 0.0 && self.cosine <= 1.0
     }
 
     /// The threshold on the fixed-point dot-product scale (2^28 = cosine 1).

@@ -171,10 +171,15 @@ fn locate(segments: &Segments, k: u64) -> (usize, usize) {
 
 /// Apply `edit` to the raw entries of the audit tree of a fresh copy of
 /// `pristine`, then check that the chain is reported broken at `want`.
-fn expect_broken_at(pristine: &Path, want: u64, edit: impl FnOnce(&mut Segments)) {
+fn expect_broken_at(pristine: &Fixture, want: u64, edit: impl FnOnce(&mut Segments)) {
     let f = Fixture::new(8);
     std::fs::remove_dir_all(f.data.path()).expect("rm");
-    copy_dir(pristine, f.data.path());
+    copy_dir(pristine.data.path(), f.data.path());
+    std::fs::copy(
+        pristine.secrets.path().join("bioseal.keyring"),
+        f.secrets.path().join("bioseal.keyring"),
+    )
+    .expect("copy keyring");
     {
         let (db, t) = raw_audit(f.data.path());
         let mut segments = load(&t);
@@ -182,7 +187,9 @@ fn expect_broken_at(pristine: &Path, want: u64, edit: impl FnOnce(&mut Segments)
         store(&t, &segments);
         db.flush().expect("flush");
     }
-    let store = Store::open(f.config_at(f.data.path())).expect("open");
+    // An edit that moves the entry the keyring anchored is refused at open
+    // (RolledBack); accepted, the chain names the first broken entry.
+    let store = Store::open(f.config_at(f.data.path()).accept_rollback(true)).expect("open");
     match store.audit().verify_chain() {
         Err(Error::AuditChainBroken { seq }) => assert_eq!(seq, want),
         other => panic!("expected a break at {want}, got {other:?}"),
@@ -205,7 +212,7 @@ fn any_single_edit_drop_reorder_or_insert_is_found_at_its_sequence_number() {
         assert_eq!(segments.iter().map(|(_, e)| e.len() as u64).sum::<u64>(), n);
     }
     // The same fixture key opens every copy.
-    let pristine = f.data.path();
+    let pristine = &f;
     for k in [0, 1, n / 2, n - 2] {
         // Edit one byte of entry k (its nonce, its ciphertext, its MAC).
         for at in [0usize, 20, usize::MAX] {
@@ -257,12 +264,23 @@ fn truncation_is_found_against_an_anchored_head() {
         store(&t, &segs);
         db.flush().expect("flush");
     }
-    let store = f.open();
+    // The keyring anchored the head at the last rotation: a truncated log
+    // is refused at open, and opens only by accepting it (audited).
+    assert!(matches!(
+        Store::open(f.config()),
+        Err(Error::RolledBack { .. })
+    ));
+    let store = Store::open(f.config().accept_rollback(true)).expect("accept");
     let shorter = store
         .audit()
         .verify_chain()
         .expect("a shorter chain is still a chain");
-    assert_eq!(shorter.entries, anchor.entries - 3);
+    assert_eq!(shorter.entries, anchor.entries - 3 + 1, "+ the acceptance");
+    let last = store.audit().entries().expect("entries");
+    assert_eq!(
+        last.last().map(|e| e.event),
+        Some(bioseal::AuditEvent::RollbackAccepted)
+    );
     assert!(matches!(
         store.audit().verify_against(&anchor),
         Err(Error::AuditChainBroken { .. })

@@ -50,9 +50,13 @@ impl Cli {
             .arg(&self.store)
             .arg("--root-key")
             .arg(key)
+            // The keyring beside the real root key, whichever key is passed.
+            .arg("--keys")
+            .arg(self.key.parent().expect("key dir"))
             .args(args)
             .env_remove("BIOSEAL_STORE")
             .env_remove("BIOSEAL_ROOT_KEY_FILE")
+            .env_remove("BIOSEAL_KEYS")
             .output()
             .expect("run bioseal");
         Out {
@@ -440,4 +444,99 @@ fn calibrate_prints_rates_warns_on_small_sets_and_applies() {
     let bad = cli.file("bad.jsonl", b"{\"identity\": \"a\"}\n");
     let o = cli.run(&["calibrate", "--pairs", &bad]);
     assert_error(&o, 3, "line 1: malformed JSON");
+}
+
+/// Issue 11 §2, §3, §7 through the CLI: `add-template` needs a match first;
+/// the threshold is the keyring's, so editing `bioseal.json` changes no
+/// decision; a restored copy of the store is refused with exit 10 and opens
+/// with `--accept-rollback`; a root key or key directory inside the store
+/// is refused.
+#[test]
+fn add_template_threshold_mirror_rollback_and_key_placement() {
+    let cli = Cli::new();
+    cli.init();
+    let mut rng = Rng(91);
+    let (alice, other, impostor) = (rng.unit(DIM), rng.unit(DIM), rng.unit(DIM));
+    enroll_alice(&cli, &alice);
+    let (a, b, x) = (
+        cli.json("a.json", &alice),
+        cli.json("b.json", &other),
+        cli.json("x.json", &impostor),
+    );
+    let add = |probe: &str, new: &str| {
+        cli.run(&[
+            "add-template",
+            "--subject",
+            "alice",
+            "--purpose",
+            "identity-verification",
+            "--probe",
+            probe,
+            "--embedding",
+            new,
+        ])
+    };
+    let o = add(&x, &b);
+    assert_eq!((o.code, o.stdout.trim()), (1, "no-match"), "{}", o.stderr);
+    assert_eq!(cli.verify("alice", "identity-verification", &b).code, 1);
+    let o = add(&a, &b);
+    assert_eq!((o.code, o.stdout.trim()), (0, "added"), "{}", o.stderr);
+    assert_eq!(cli.verify("alice", "identity-verification", &b).code, 0);
+    // Enrolling over alice is refused.
+    let ev = cli.file("release2.pdf", b"another release");
+    let o = cli.enroll("alice", &x, "identity-verification", "30d", &ev);
+    assert_error(&o, 3, "already enrolled");
+
+    // The mirror: a threshold of 0.01 in bioseal.json would match anyone.
+    let settings = cli.store.join("bioseal.json");
+    let text = std::fs::read_to_string(&settings).expect("settings");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+    let mut v = v;
+    v["threshold"] = serde_json::json!(0.01);
+    std::fs::write(&settings, v.to_string()).expect("edit");
+    assert_eq!(
+        cli.verify("alice", "identity-verification", &x).code,
+        1,
+        "the edited mirror changed a decision"
+    );
+    let o = cli.run(&["stats"]);
+    assert!(
+        o.stdout
+            .contains("threshold         0.5 (cosine, from the keyring)"),
+        "{}",
+        o.stdout
+    );
+
+    // Roll the store directory back to a copy taken before a revocation.
+    let copy = cli.files.join("store-copy");
+    common::copy_dir(&cli.store, &copy);
+    assert_eq!(cli.run(&["revoke", "--subject", "alice"]).code, 0);
+    std::fs::remove_dir_all(&cli.store).expect("rm");
+    common::copy_dir(&copy, &cli.store);
+    let o = cli.verify("alice", "identity-verification", &a);
+    assert_error(&o, 10, "rolled back");
+    let o = cli.run(&["--accept-rollback", "audit", "verify"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    // alice's bucket was rotated by the revocation: her old copy is dead.
+    let o = cli.verify("alice", "identity-verification", &a);
+    assert_error(&o, 7, "key unavailable");
+
+    // Keys inside the store are refused.
+    let inside = cli.store.join("root.key");
+    std::fs::copy(&cli.key, &inside).expect("copy");
+    let o = cli.run_with_key(&inside, &["stats"]);
+    assert_error(&o, 3, "inside the store directory");
+    std::fs::remove_file(&inside).expect("rm");
+    let out = Command::new(env!("CARGO_BIN_EXE_bioseal"))
+        .arg("--store")
+        .arg(&cli.store)
+        .arg("--root-key")
+        .arg(&cli.key)
+        .arg("--keys")
+        .arg(cli.store.join("keys"))
+        .arg("stats")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("inside the store directory"));
 }

@@ -16,8 +16,10 @@ use std::time::{Duration, Instant};
 const DIM: usize = 32;
 const BUCKETS: u32 = 4;
 
+/// Data in `dir/data`, keyring in `dir/keys`.
 fn config(dir: &Path) -> StoreConfig {
-    StoreConfig::new(dir, RootKey::from_bytes([0x42; 32]))
+    StoreConfig::new(dir.join("data"), RootKey::from_bytes([0x42; 32]))
+        .key_dir(dir.join("keys"))
         .model("crash-test", DIM)
         .threshold(Threshold::cosine(0.5))
         .buckets(BUCKETS)
@@ -146,11 +148,11 @@ fn round(kill: Kill) -> usize {
 
     let store = Store::open(config(&dir)).expect("a killed store must open cleanly");
     // No rotation left half done: every bucket has exactly one live slot.
-    let ring = std::fs::read(dir.join("keyring")).expect("keyring");
+    let ring = std::fs::read(dir.join("keys").join("bioseal.keyring")).expect("keyring");
     for b in 0..BUCKETS as usize {
         let live = (0..2)
             .filter(|s| {
-                let off = 512 + (2 * b + s) * 128;
+                let off = 1024 + (2 * b + s) * 128;
                 ring[off..off + 128].iter().any(|&x| x != 0)
             })
             .count();

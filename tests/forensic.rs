@@ -58,9 +58,20 @@ fn revoked_subject_is_unrecoverable_from_any_copy() {
                 .expect("enroll");
         }
     }
-    // The "old backup": a full copy of the data directory, keyring included.
+    // The "old backup": a full copy of the data directory. The keyring is
+    // not in it: it lives in the key directory.
     let backup = tempfile::tempdir().expect("tempdir");
     copy_dir(f.data.path(), backup.path());
+    assert!(
+        read_all_files(backup.path())
+            .iter()
+            .all(|(p, _)| !p.to_string_lossy().contains("keyring")),
+        "a copy of the data directory carries no keyring"
+    );
+    // What SECURITY.md's assumption is about: a copy of the key directory
+    // kept from before the revocation.
+    let old_keys = tempfile::tempdir().expect("tempdir");
+    copy_dir(f.secrets.path(), old_keys.path());
 
     {
         let store = f.open();
@@ -135,12 +146,25 @@ fn revoked_subject_is_unrecoverable_from_any_copy() {
         keys.len()
     );
 
-    // (b) Old sled files + today's keyring + the real root key.
+    // (b) Old sled files + today's keyring + the real root key. The old
+    // data is refused as rolled back; accepted (as an operator restoring a
+    // backup would), the victim still does not open.
     let mixed = tempfile::tempdir().expect("tempdir");
-    copy_dir(&backup.path().join("db"), &mixed.path().join("db"));
-    std::fs::copy(f.data.path().join("keyring"), mixed.path().join("keyring")).expect("copy");
-    let store =
-        Store::open(f.config_at(mixed.path())).expect("old data opens with today's keyring");
+    copy_dir(
+        &backup.path().join("db"),
+        &mixed.path().join("data").join("db"),
+    );
+    copy_dir(f.secrets.path(), &mixed.path().join("keys"));
+    let mixed_config = || {
+        f.config_at(&mixed.path().join("data"))
+            .key_dir(mixed.path().join("keys"))
+    };
+    assert!(matches!(
+        Store::open(mixed_config()),
+        Err(Error::RolledBack { .. })
+    ));
+    let store = Store::open(mixed_config().accept_rollback(true))
+        .expect("old data opens with today's keyring");
     let r = store.verify(VICTIM, &IDV, emb(&victim));
     assert!(
         matches!(r, Err(Error::KeyUnavailable { .. })),
@@ -166,9 +190,11 @@ fn revoked_subject_is_unrecoverable_from_any_copy() {
     drop(store);
 
     // And what the assumption in SECURITY.md is about: the backup together
-    // with its OWN old keyring still holds the victim. Keyring copies must
-    // not be kept (or must be destroyed) past a revocation.
-    let store = Store::open(f.config_at(scratch.path())).expect("backup opens");
+    // with an old copy of the key directory still holds the victim. Key
+    // directory copies must not be kept (or must be destroyed) past a
+    // revocation.
+    let store = Store::open(f.config_at(scratch.path()).key_dir(old_keys.path()))
+        .expect("backup opens with the old keyring");
     assert_eq!(
         store.verify(VICTIM, &IDV, emb(&victim)).expect("verify"),
         Decision::Match

@@ -279,6 +279,7 @@ fn reopen_with_wrong_key_or_model_fails_typed_and_touches_nothing() {
     }
     let before = read_all_files(f.data.path());
     let wrong = StoreConfig::new(f.data.path(), RootKey::from_bytes([0x11; 32]))
+        .key_dir(f.secrets.path())
         .model(MODEL, DIM)
         .threshold(Threshold::cosine(0.5));
     assert!(matches!(Store::open(wrong), Err(Error::WrongRootKey)));
@@ -315,7 +316,7 @@ fn missing_keyring_is_refused_not_recreated() {
             .enroll("a", emb(&Rng(8).unit(DIM)), consent(f.now(), 10))
             .expect("enroll");
     }
-    let ring = f.data.path().join("keyring");
+    let ring = f.secrets.path().join("bioseal.keyring");
     let saved = std::fs::read(&ring).expect("read");
     std::fs::remove_file(&ring).expect("rm");
     assert!(matches!(
@@ -345,8 +346,24 @@ fn sled_data_of_another_store_is_refused() {
 #[test]
 fn config_is_validated() {
     let f = Fixture::new(8);
-    let base = || StoreConfig::new(f.data.path(), RootKey::from_bytes([1; 32]));
+    let base =
+        || StoreConfig::new(f.data.path(), RootKey::from_bytes([1; 32])).key_dir(f.secrets.path());
     for cfg in [
+        // A threshold at or below 0 lets a random face match about half the time.
+        base().model(MODEL, DIM).threshold(Threshold::cosine(0.0)),
+        base().model(MODEL, DIM).threshold(Threshold::cosine(-0.3)),
+        // No key directory, or one inside the data directory.
+        StoreConfig::new(f.data.path(), RootKey::from_bytes([1; 32]))
+            .model(MODEL, DIM)
+            .threshold(Threshold::cosine(0.5)),
+        base()
+            .key_dir(f.data.path().join("keys"))
+            .model(MODEL, DIM)
+            .threshold(Threshold::cosine(0.5)),
+        base()
+            .key_dir(f.data.path())
+            .model(MODEL, DIM)
+            .threshold(Threshold::cosine(0.5)),
         base().threshold(Threshold::cosine(0.5)),
         base().model(MODEL, DIM),
         base().model(MODEL, 0).threshold(Threshold::cosine(0.5)),

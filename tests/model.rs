@@ -223,8 +223,10 @@ struct Harness {
 }
 
 impl Harness {
+    /// A store's configuration: data in `dir/data`, keyring in `dir/keys`.
     fn config(&self, dir: &Path) -> StoreConfig {
-        StoreConfig::new(dir, RootKey::from_bytes([0x77; 32]))
+        StoreConfig::new(dir.join("data"), RootKey::from_bytes([0x77; 32]))
+            .key_dir(dir.join("keys"))
             .model("model-test", DIM)
             .threshold(Threshold::cosine(0.5))
             .buckets(4)
@@ -469,7 +471,7 @@ fn run(ops: &[Op], deferred: bool) -> Result<(), TestCaseError> {
             Op::Snapshot => {
                 h.store = None;
                 let snap = tempfile::tempdir().expect("tempdir");
-                copy_dir(h.dir.path(), snap.path());
+                copy_dir(&h.dir.path().join("data"), &snap.path().join("data"));
                 let alive: Vec<(usize, u8, u8)> = m
                     .subs
                     .iter()
@@ -503,7 +505,7 @@ fn run(ops: &[Op], deferred: bool) -> Result<(), TestCaseError> {
     // about a revocation whose shred has completed.
     h.store().shred().expect("shred");
     h.store = None;
-    let today_keyring = h.dir.path().join("keyring");
+    let today_keys = h.dir.path().join("keys");
     let mut windows: HashSet<[u8; 32]> = HashSet::new();
     for dir in std::iter::once(h.dir.path()).chain(h.snapshots.iter().map(|(d, _, _)| d.path())) {
         for (_, data) in read_all_files(dir) {
@@ -519,10 +521,16 @@ fn run(ops: &[Op], deferred: bool) -> Result<(), TestCaseError> {
             .collect();
         // Old sled files + today's keyring + the root key.
         let mixed = tempfile::tempdir().expect("tempdir");
-        copy_dir(&snap.path().join("db"), &mixed.path().join("db"));
-        std::fs::copy(&today_keyring, mixed.path().join("keyring")).expect("copy keyring");
+        copy_dir(
+            &snap.path().join("data").join("db"),
+            &mixed.path().join("data").join("db"),
+        );
+        copy_dir(&today_keys, &mixed.path().join("keys"));
         {
-            let store = Store::open(h.config(mixed.path())).expect("mixed store opens");
+            // Older data than the keyring's mark: opened only by accepting
+            // the rollback, as an operator restoring it would.
+            let store = Store::open(h.config(mixed.path()).accept_rollback(true))
+                .expect("mixed store opens");
             for (inc, s, seed) in &destroyed_after {
                 let r = store.verify(
                     &format!("subj-{s}"),
@@ -538,7 +546,7 @@ fn run(ops: &[Op], deferred: bool) -> Result<(), TestCaseError> {
         }
         // No window of any file opens any sealed record of the snapshot.
         let scratch = tempfile::tempdir().expect("tempdir");
-        copy_dir(snap.path(), scratch.path());
+        copy_dir(&snap.path().join("data"), scratch.path());
         for rec in subject_records(scratch.path()).expect("records") {
             for k in &windows {
                 prop_assert!(

@@ -25,8 +25,11 @@ use std::time::{Duration, Instant};
 const DIM: usize = 32;
 const BUCKETS: u32 = 4;
 
+/// Data in `dir/data`, keyring in `dir/keys`: both on the power-cut
+/// filesystem.
 fn config(dir: &Path, clock: &ManualClock) -> StoreConfig {
-    StoreConfig::new(dir, RootKey::from_bytes([0x43; 32]))
+    StoreConfig::new(dir.join("data"), RootKey::from_bytes([0x43; 32]))
+        .key_dir(dir.join("keys"))
         .model("powercut-test", DIM)
         .threshold(Threshold::cosine(0.5))
         .buckets(BUCKETS)

@@ -266,3 +266,76 @@ fn older_versions_do_not_restore_a_withdrawn_purpose_or_longer_consent() {
         "found {r} older records, {t} older tables"
     );
 }
+
+/// Issue 11 §2: a copy of the data directory put back over the live one
+/// (here: taken before a revocation and before failures were counted) is
+/// refused at open with `RolledBack`. Accepted explicitly, it opens, the
+/// acceptance is audited, the revoked subject stays unreadable, and the
+/// newer data can no longer come back silently either.
+#[test]
+fn a_restored_copy_of_the_data_is_refused_as_rolled_back() {
+    let f = Fixture::new(4);
+    let mut rng = Rng(72);
+    let vecs: Vec<Vec<f32>> = (0..6).map(|_| rng.unit(DIM)).collect();
+    {
+        let store = f.open();
+        for (i, v) in vecs.iter().enumerate() {
+            store
+                .enroll(&format!("s{i}"), emb(v), consent(f.now(), 100))
+                .expect("enroll");
+        }
+    }
+    let old = tempfile::tempdir().expect("tempdir");
+    copy_dir(f.data.path(), old.path());
+    {
+        let store = f.open();
+        store.revoke("s0").expect("revoke");
+        for _ in 0..3 {
+            let d = store.verify("s1", &IDV, emb(&vecs[0])).expect("attempt");
+            assert_eq!(d, Decision::NoMatch);
+        }
+    }
+    let newer = tempfile::tempdir().expect("tempdir");
+    copy_dir(f.data.path(), newer.path());
+    let put_back = |from: &std::path::Path| {
+        std::fs::remove_dir_all(f.data.path()).expect("rm");
+        copy_dir(from, f.data.path());
+    };
+    put_back(old.path());
+    match Store::open(f.config()) {
+        Err(Error::RolledBack { data, keyring }) => assert!(data < keyring, "{data} {keyring}"),
+        other => panic!("a rolled-back copy opened: {other:?}"),
+    }
+    {
+        let store = Store::open(f.config().accept_rollback(true)).expect("accepted");
+        let audit = store.audit().entries().expect("entries");
+        assert!(audit
+            .iter()
+            .any(|e| e.event == bioseal::AuditEvent::RollbackAccepted));
+        store.audit().verify_chain().expect("chain");
+        match store.verify("s0", &IDV, emb(&vecs[0])) {
+            Err(Error::KeyUnavailable { .. }) => {}
+            other => panic!("the revoked subject from the old copy: {other:?}"),
+        }
+    }
+    // Accepted once, the store opens normally.
+    drop(f.open());
+    // The newer copy is now older than the mark too.
+    put_back(newer.path());
+    assert!(matches!(
+        Store::open(f.config()),
+        Err(Error::RolledBack { .. })
+    ));
+}
+
+/// A store from before the key directory (its keyring inside the data
+/// directory) gets a typed error that says what to do.
+#[test]
+fn the_old_layout_is_a_typed_error() {
+    let f = Fixture::new(4);
+    std::fs::write(f.data.path().join("keyring"), b"BIOSEALK").expect("write");
+    match Store::open(f.config()) {
+        Err(Error::LegacyLayout(msg)) => assert!(msg.contains("re-create"), "{msg}"),
+        other => panic!("{other:?}"),
+    }
+}

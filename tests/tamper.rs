@@ -200,7 +200,7 @@ fn records_swapped_between_subjects_do_not_open() {
 #[test]
 fn keyring_tampering_is_typed() {
     let (f, _) = populated(2);
-    let path = f.data.path().join("keyring");
+    let path = f.secrets.path().join("bioseal.keyring");
     let good = std::fs::read(&path).expect("read");
     // Magic, version, bucket count, model id, secrets, padding, active slot
     // of bucket 0 (generation, ciphertext, tag), empty slot, slot padding.
@@ -212,16 +212,26 @@ fn keyring_tampering_is_typed() {
         150,
         200,
         300,
-        512,
-        520,
-        560,
-        579,
-        640,
-        600,
+        1024,
+        1032,
+        1072,
+        1091,
+        1152,
+        1112,
         good.len() - 1,
     ] {
         let mut bad = good.clone();
         bad[i] ^= 0x04;
+        std::fs::write(&path, &bad).expect("write");
+        let r = Store::open(f.config());
+        assert!(matches!(r, Err(Error::Tampered { .. })), "byte {i}: {r:?}");
+    }
+    // The state (high-water mark, audit head, threshold): two copies, so
+    // that a torn write leaves one; both edited is tampering.
+    for i in [520, 600, 650] {
+        let mut bad = good.clone();
+        bad[i] ^= 0x04;
+        bad[i + 256] ^= 0x04;
         std::fs::write(&path, &bad).expect("write");
         let r = Store::open(f.config());
         assert!(matches!(r, Err(Error::Tampered { .. })), "byte {i}: {r:?}");

@@ -36,6 +36,15 @@ struct Cli {
     /// Root key file (32 bytes, mode 0600), kept outside the store directory.
     #[arg(long, env = "BIOSEAL_ROOT_KEY_FILE", global = true)]
     root_key: Option<PathBuf>,
+    /// Key directory: where the keyring lives, outside the store directory
+    /// (default: the directory that holds the root key file).
+    #[arg(long, env = "BIOSEAL_KEYS", global = true)]
+    keys: Option<PathBuf>,
+    /// Open data older than the keyring's high-water mark (a restored copy
+    /// of the store directory). Audited; without it such data is refused
+    /// (exit 10).
+    #[arg(long, global = true)]
+    accept_rollback: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -87,6 +96,26 @@ enum Command {
         purpose: String,
         #[arg(long)]
         embedding: PathBuf,
+    },
+    /// Add a template to an enrolled subject, only after a fresh probe
+    /// matches (the attempt counts under the lockout): prints `added`
+    /// (exit 0) or `no-match` (exit 1, nothing added).
+    AddTemplate {
+        #[arg(long)]
+        subject: String,
+        #[arg(long)]
+        purpose: String,
+        /// A fresh capture that must match first.
+        #[arg(long)]
+        probe: PathBuf,
+        /// The template to add.
+        #[arg(long)]
+        embedding: PathBuf,
+    },
+    /// Re-enable a subject disabled after too many failures (audited).
+    ResetAttempts {
+        #[arg(long)]
+        subject: String,
     },
     /// Revoke a subject and shred it.
     Revoke {
@@ -188,13 +217,16 @@ impl From<Error> for Fail {
             | Error::TooManyTemplates { .. }
             | Error::Config(_) => 3,
             Error::NotEnrolled => 4,
+            Error::AlreadyEnrolled => 3,
             Error::PurposeNotConsented | Error::ConsentExpired | Error::RetentionExpired => 5,
             Error::LockedOut { .. } | Error::VerificationDisabled => 6,
             Error::WrongRootKey
             | Error::KeyUnavailable { .. }
             | Error::InvalidRootKey(_)
             | Error::StoreMismatch
+            | Error::LegacyLayout(_)
             | Error::ModelMismatch { .. } => 7,
+            Error::RolledBack { .. } => 10,
             Error::Tampered { .. } | Error::AuditChainBroken { .. } => 8,
             _ => 9,
         };
@@ -231,6 +263,42 @@ fn key_path(cli: &Cli) -> R<&Path> {
         .ok_or_else(|| input("no root key: pass --root-key FILE or set BIOSEAL_ROOT_KEY_FILE"))
 }
 
+/// The key directory: `--keys`, or the directory of the root key file.
+/// Neither the key directory nor the root key file may be inside the store.
+fn key_dir(cli: &Cli) -> R<PathBuf> {
+    let key = key_path(cli)?;
+    let dir = match &cli.keys {
+        Some(d) => d.clone(),
+        None => match key.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        },
+    };
+    let store = store_dir(cli)?;
+    let inside = |p: &Path| {
+        let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        let (p, s) = (abs(p), abs(store));
+        p.canonicalize()
+            .unwrap_or(p)
+            .starts_with(s.canonicalize().unwrap_or(s))
+    };
+    if inside(key) {
+        return Err(input(format!(
+            "the root key {} is inside the store directory {}: keep it elsewhere (every copy of the store would carry it)",
+            key.display(),
+            store.display()
+        )));
+    }
+    if inside(&dir) {
+        return Err(input(format!(
+            "the key directory {} is inside the store directory {}: pass --keys DIR outside it",
+            dir.display(),
+            store.display()
+        )));
+    }
+    Ok(dir)
+}
+
 fn read_settings(dir: &Path) -> R<Settings> {
     let path = dir.join(SETTINGS_FILE);
     let text = std::fs::read_to_string(&path).map_err(|e| {
@@ -256,12 +324,16 @@ fn open(cli: &Cli) -> R<(Store, Settings)> {
 /// against them first: bad input never opens the store).
 fn open_with(cli: &Cli, settings: Settings) -> R<(Store, Settings)> {
     let dir = store_dir(cli)?;
+    let keys = key_dir(cli)?;
     let key = RootKey::from_file(key_path(cli)?)?;
+    // The threshold is the keyring's (authenticated); bioseal.json only
+    // mirrors it, so editing that file changes nothing.
     let store = Store::open(
         StoreConfig::new(dir, key)
+            .key_dir(keys)
             .model(&settings.model, settings.dim)
-            .threshold(Threshold::cosine(settings.threshold))
-            .buckets(settings.buckets),
+            .buckets(settings.buckets)
+            .accept_rollback(cli.accept_rollback),
     )?;
     Ok((store, settings))
 }
@@ -288,10 +360,12 @@ fn run(cli: Cli) -> R<u8> {
                     dir.display()
                 )));
             }
+            let keys = key_dir(&cli)?;
             let key = RootKey::generate()?;
             key.write_new_file(key_file)?;
             let store = Store::open(
                 StoreConfig::new(dir, key)
+                    .key_dir(keys)
                     .model(model, *dim)
                     .threshold(Threshold::cosine(*threshold))
                     .buckets(*buckets),
@@ -358,6 +432,34 @@ fn run(cli: Cli) -> R<u8> {
                     Ok(1)
                 }
             }
+        }
+        Command::AddTemplate {
+            subject,
+            purpose,
+            probe,
+            embedding,
+        } => {
+            let settings = read_settings(store_dir(&cli)?)?;
+            let probe = read_embedding(probe, settings.dim)?;
+            let new = read_embedding(embedding, settings.dim)?;
+            let purpose = Purpose::new(purpose.clone()).map_err(|e| input(e.to_string()))?;
+            let (store, _) = open_with(&cli, settings)?;
+            match store.add_template(subject, &purpose, probe, new)? {
+                Decision::Match => {
+                    println!("added");
+                    Ok(0)
+                }
+                Decision::NoMatch => {
+                    println!("no-match");
+                    Ok(1)
+                }
+            }
+        }
+        Command::ResetAttempts { subject } => {
+            let (store, _) = open(&cli)?;
+            store.reset_attempts(subject)?;
+            println!("reset the failed attempts of {subject}");
+            Ok(0)
         }
         Command::Revoke { subject } => {
             let (store, _) = open(&cli)?;
@@ -430,7 +532,10 @@ fn run(cli: Cli) -> R<u8> {
                 "model             {} ({} dimensions)",
                 settings.model, settings.dim
             );
-            println!("threshold         {} (cosine)", settings.threshold);
+            println!(
+                "threshold         {} (cosine, from the keyring)",
+                store.threshold().as_cosine()
+            );
             if let Some(fmr) = settings.target_fmr {
                 println!("target FMR        {fmr:e}");
             }
@@ -612,6 +717,9 @@ fn calibrate_cmd(cli: &Cli, pairs: &Path, target_fmr: f64, apply: bool) -> R<u8>
                 s.dim
             )));
         }
+        let (store, _) = open_with(cli, read_settings(dir)?)?;
+        store.set_threshold(c.threshold)?;
+        drop(store);
         s.threshold = c.threshold.as_cosine();
         s.target_fmr = Some(target_fmr);
         s.calibration_source = Some(format!(

@@ -1,11 +1,13 @@
-//! The keyring file: the only file bioseal overwrites in place.
+//! The keyring file: the only file bioseal overwrites in place. It lives in
+//! the key directory, never in the data directory, so that copies and
+//! backups of the data do not carry it.
 //!
 //! Layout (all integers big-endian):
 //!
 //! ```text
 //! header, 512 bytes
 //!   0..8     magic "BIOSEALK"
-//!   8..12    format version (1)
+//!   8..12    format version (2)
 //!   12..16   bucket count B
 //!   16..32   store id
 //!   32..36   embedding dimension
@@ -16,20 +18,33 @@
 //!   141..233 sealed secrets: nonce 12 | AES-256-GCM(pseudonym key 32 | audit key 32) | tag 16,
 //!            associated data = bytes 0..141
 //!   233..512 zero
-//! slots, B x 2 x 128 bytes, slot s of bucket b at 512 + (2b + s) * 128
+//! state, two copies of 128 bytes at 512 and 768 (A/B: a torn write leaves the other)
+//!   0..8     write counter (the copy with the higher valid counter is current)
+//!   8..16    high-water mark of the data (see `Store::open`)
+//!   16..24   audit head: number of entries
+//!   24..56   audit head: MAC of the last entry
+//!   56..64   latest time seen (Unix seconds)
+//!   64..68   match threshold (cosine, f32 bits)
+//!   68..100  HMAC-SHA-256(state key, "bioseal/v2/keyring-state" | store id | bytes 0..68)
+//!   100..128 zero
+//! slots, B x 2 x 128 bytes, slot s of bucket b at 1024 + (2b + s) * 128
 //!   0..8     generation (0 = empty slot; the whole slot is then zero)
 //!   8..20    nonce
-//!   20..52   KEK sealed under the keyring key
+//!   20..52   KEK sealed under the slot key
 //!   52..68   tag; associated data "bioseal/v1/kek" | store id | b | s | generation
 //!   68..128  zero
 //! ```
 //!
-//! The keyring key and the kcv key are HKDF-SHA-256 of the root key (salt:
-//! store id). A 128-byte slot never straddles a 512-byte sector. A rotation
-//! writes the new KEK into the free slot and syncs, and later overwrites the
-//! old slot with zeros and syncs: positioned writes on the one file, never a
-//! new file and a rename, so the old KEK's bytes are overwritten where they
-//! lie (SECURITY.md says what that assumes of the filesystem and device).
+//! The keyring key, the key-check key and the state key are HKDF-SHA-256 of
+//! the root key (salt: store id). Each slot is sealed under its own key,
+//! HKDF of the keyring key with the bucket, slot and generation, so that no
+//! key ever seals more than one KEK (no nonce budget to track). A 128-byte
+//! slot or state copy never straddles a 512-byte sector. A rotation writes
+//! the new KEK into the free slot and syncs, and later overwrites the old
+//! slot with zeros (and the state with the new high-water mark) and syncs:
+//! positioned writes on the one file, never a new file and a rename, so the
+//! old KEK's bytes are overwritten where they lie (SECURITY.md says what
+//! that assumes of the filesystem and device).
 
 use super::aead::{AeadKey, NONCE_LEN, OVERHEAD, TAG_LEN};
 use super::keys::RootKey;
@@ -45,8 +60,14 @@ use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 pub(crate) const MAGIC: &[u8; 8] = b"BIOSEALK";
-pub(crate) const FORMAT_VERSION: u32 = 1;
-pub(crate) const HEADER_LEN: usize = 512;
+pub(crate) const FORMAT_VERSION: u32 = 2;
+/// Header and the two state copies: the slots start here.
+pub(crate) const HEADER_LEN: usize = 1024;
+const HEAD_LEN: usize = 512;
+const STATE_OFF: [usize; 2] = [512, 768];
+const STATE_LEN: usize = 128;
+const STATE_BODY: usize = 68;
+const STATE_MAC_END: usize = STATE_BODY + 32;
 pub(crate) const SLOT_LEN: usize = 128;
 const SLOT_USED: usize = 8 + NONCE_LEN + 32 + TAG_LEN;
 pub(crate) const MAX_MODEL_ID: usize = 64;
@@ -92,11 +113,54 @@ pub(crate) enum Kek<R> {
     Unknown,
 }
 
+/// The keyring's authenticated, rewritable state (see the layout).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct KeyringState {
+    counter: u64,
+    /// High-water mark of the data.
+    pub(crate) mark: u64,
+    /// Audit head anchored at the last security-relevant event.
+    pub(crate) audit_entries: u64,
+    pub(crate) audit_mac: [u8; 32],
+    /// Latest time seen (Unix seconds).
+    pub(crate) last_seen: u64,
+    /// The store's match threshold (cosine).
+    pub(crate) threshold: f32,
+}
+
+/// What a security-relevant event records in the keyring: the data's new
+/// high-water mark, the audit head made durable with it, and the time.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Anchor {
+    pub(crate) mark: u64,
+    pub(crate) audit_entries: u64,
+    pub(crate) audit_mac: [u8; 32],
+    pub(crate) now: u64,
+}
+
+impl Anchor {
+    /// Marks and times only move forward (concurrent rotations may finish
+    /// out of order).
+    fn apply(&self, st: &mut KeyringState) {
+        if self.mark >= st.mark {
+            st.mark = self.mark;
+            st.audit_entries = self.audit_entries;
+            st.audit_mac = self.audit_mac;
+        }
+        st.last_seen = st.last_seen.max(self.now);
+    }
+}
+
 /// The opened keyring: keys in memory, file kept open for in-place writes.
 pub(crate) struct Keyring {
     file: File,
     header: Header,
-    seal: AeadKey,
+    /// HKDF input of the per-slot keys.
+    slot_root: Zeroizing<[u8; 32]>,
+    state_key: ring::hmac::Key,
+    /// MAC key of the data's copy of the high-water mark.
+    mark_key: ring::hmac::Key,
+    state: std::sync::Mutex<KeyringState>,
     pseudonym: PseudonymKey,
     audit_key: Zeroizing<[u8; 32]>,
     buckets: Vec<RwLock<BucketKeys>>,
@@ -111,16 +175,111 @@ impl std::fmt::Debug for Keyring {
     }
 }
 
-fn derive(root: &RootKey, store_id: &[u8; 16]) -> (AeadKey, [u8; 32]) {
+/// Keys derived from the root key for one store.
+struct Derived {
+    seal: AeadKey,
+    slot_root: Zeroizing<[u8; 32]>,
+    kcv: [u8; 32],
+    state_key: ring::hmac::Key,
+    mark_key: ring::hmac::Key,
+}
+
+fn derive(root: &RootKey, store_id: &[u8; 16]) -> Derived {
     let seal = hkdf32(store_id, root.expose(), b"bioseal/v1/keyring-seal");
     let kcv_key = hkdf32(store_id, root.expose(), b"bioseal/v1/key-check");
+    let state_key = hkdf32(store_id, root.expose(), b"bioseal/v2/keyring-state");
+    let mark_key = hkdf32(store_id, root.expose(), b"bioseal/v2/data-mark");
     let tag = ring::hmac::sign(
         &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, kcv_key.as_ref()),
         &[b"bioseal/v1/key-check".as_slice(), store_id].concat(),
     );
     let mut kcv = [0u8; 32];
     kcv.copy_from_slice(tag.as_ref());
-    (AeadKey::new(&seal), kcv)
+    Derived {
+        seal: AeadKey::new(&seal),
+        slot_root: hkdf32(store_id, seal.as_ref(), b"bioseal/v2/kek-slots"),
+        kcv,
+        state_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, state_key.as_ref()),
+        mark_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, mark_key.as_ref()),
+    }
+}
+
+/// The key that seals slot `slot` of bucket `b` at generation `gen`: used
+/// for that one KEK only.
+fn slot_key(slot_root: &[u8; 32], b: u32, slot: usize, gen: u64) -> AeadKey {
+    let mut info = Vec::with_capacity(32);
+    info.extend_from_slice(b"bioseal/v2/kek-slot");
+    info.extend_from_slice(&b.to_be_bytes());
+    info.push(slot as u8);
+    info.extend_from_slice(&gen.to_be_bytes());
+    AeadKey::new(&hkdf32(b"bioseal", slot_root, &info))
+}
+
+fn state_mac(key: &ring::hmac::Key, store_id: &[u8; 16], body: &[u8]) -> [u8; 32] {
+    let mut ctx = ring::hmac::Context::with_key(key);
+    ctx.update(b"bioseal/v2/keyring-state");
+    ctx.update(store_id);
+    ctx.update(body);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.sign().as_ref());
+    out
+}
+
+fn encode_state(key: &ring::hmac::Key, store_id: &[u8; 16], st: &KeyringState) -> [u8; STATE_LEN] {
+    let mut b = [0u8; STATE_LEN];
+    b[0..8].copy_from_slice(&st.counter.to_be_bytes());
+    b[8..16].copy_from_slice(&st.mark.to_be_bytes());
+    b[16..24].copy_from_slice(&st.audit_entries.to_be_bytes());
+    b[24..56].copy_from_slice(&st.audit_mac);
+    b[56..64].copy_from_slice(&st.last_seen.to_be_bytes());
+    b[64..68].copy_from_slice(&st.threshold.to_bits().to_be_bytes());
+    let m = state_mac(key, store_id, &b[..STATE_BODY]);
+    b[STATE_BODY..STATE_MAC_END].copy_from_slice(&m);
+    b
+}
+
+fn decode_state(key: &ring::hmac::Key, store_id: &[u8; 16], b: &[u8]) -> Option<KeyringState> {
+    let m = state_mac(key, store_id, &b[..STATE_BODY]);
+    if !bool::from(m.ct_eq(&b[STATE_BODY..STATE_MAC_END]))
+        || b[STATE_MAC_END..].iter().any(|&x| x != 0)
+    {
+        return None;
+    }
+    let u64_at = |o: usize| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&b[o..o + 8]);
+        u64::from_be_bytes(a)
+    };
+    let mut audit_mac = [0u8; 32];
+    audit_mac.copy_from_slice(&b[24..56]);
+    let mut t = [0u8; 4];
+    t.copy_from_slice(&b[64..68]);
+    Some(KeyringState {
+        counter: u64_at(0),
+        mark: u64_at(8),
+        audit_entries: u64_at(16),
+        audit_mac,
+        last_seen: u64_at(56),
+        threshold: f32::from_bits(u32::from_be_bytes(t)),
+    })
+}
+
+/// The current state copy of a keyring image: the valid one with the
+/// higher counter.
+fn current_state(key: &ring::hmac::Key, store_id: &[u8; 16], buf: &[u8]) -> Result<KeyringState> {
+    // The gaps after each copy are zero; a short file is no keyring.
+    if buf.len() < HEADER_LEN
+        || STATE_OFF
+            .iter()
+            .any(|&o| buf[o + STATE_LEN..o + 256].iter().any(|&x| x != 0))
+    {
+        return Err(Error::tampered("keyring state"));
+    }
+    STATE_OFF
+        .iter()
+        .filter_map(|&o| decode_state(key, store_id, &buf[o..o + STATE_LEN]))
+        .max_by_key(|st| st.counter)
+        .ok_or(Error::tampered("keyring state"))
 }
 
 fn slot_offset(bucket: u32, slot: usize) -> u64 {
@@ -155,6 +314,7 @@ impl Keyring {
         model_id: &str,
         dim: u32,
         now: u64,
+        threshold: f32,
     ) -> Result<Keyring> {
         if model_id.is_empty() || model_id.len() > MAX_MODEL_ID {
             return Err(Error::Config(format!(
@@ -167,7 +327,8 @@ impl Keyring {
             )));
         }
         let store_id = *random::<16>()?;
-        let (seal, kcv) = derive(root, &store_id);
+        let d = derive(root, &store_id);
+        let (seal, kcv) = (&d.seal, d.kcv);
         let mut buf = vec![0u8; HEADER_LEN + buckets as usize * 2 * SLOT_LEN];
         buf[0..8].copy_from_slice(MAGIC);
         buf[8..12].copy_from_slice(&FORMAT_VERSION.to_be_bytes());
@@ -181,19 +342,46 @@ impl Keyring {
         let secrets = random::<64>()?;
         let sealed = seal.seal(&buf[..SECRETS_OFF], secrets.as_ref())?;
         buf[SECRETS_OFF..SECRETS_END].copy_from_slice(&sealed);
+        let state = KeyringState {
+            counter: 1,
+            mark: 0,
+            audit_entries: 0,
+            audit_mac: [0; 32],
+            last_seen: now,
+            threshold,
+        };
+        buf[STATE_OFF[1]..STATE_OFF[1] + STATE_LEN].copy_from_slice(&encode_state(
+            &d.state_key,
+            &store_id,
+            &state,
+        ));
 
         let mut bucket_keys = Vec::with_capacity(buckets as usize);
         for b in 0..buckets {
             let kek = random::<32>()?;
             let off = slot_offset(b, 0) as usize;
-            buf[off..off + SLOT_LEN].copy_from_slice(&seal_slot(&seal, &store_id, b, 0, 1, &kek)?);
+            buf[off..off + SLOT_LEN].copy_from_slice(&seal_slot(
+                &d.slot_root,
+                &store_id,
+                b,
+                0,
+                1,
+                &kek,
+            )?);
             let mut keys = BucketKeys::default();
             keys.slots[0] = Some((1, AeadKey::new(&kek)));
             bucket_keys.push(RwLock::new(keys));
         }
 
-        // A new file is written whole and renamed into place once; after
-        // that it is only ever overwritten in place.
+        // A new file is written whole and renamed into place once (never
+        // over an existing keyring); after that it is only ever overwritten
+        // in place.
+        if path.exists() {
+            return Err(Error::Config(format!(
+                "{} already exists: a key directory holds the keyring of one store",
+                path.display()
+            )));
+        }
         let tmp = path.with_extension("tmp");
         let _ = std::fs::remove_file(&tmp);
         let mut opts = OpenOptions::new();
@@ -217,7 +405,10 @@ impl Keyring {
                 dim,
                 model_id: model_id.to_owned(),
             },
-            seal,
+            slot_root: d.slot_root,
+            state_key: d.state_key,
+            mark_key: d.mark_key,
+            state: std::sync::Mutex::new(state),
             pseudonym: PseudonymKey::new(&pk),
             audit_key: ak,
             buckets: bucket_keys,
@@ -230,7 +421,8 @@ impl Keyring {
         let mut file = OpenOptions::new().read(true).write(true).open(path)?;
         let mut buf = Vec::new();
         file.read_to_end(&mut buf)?;
-        let (header, seal, secrets) = parse_header(&buf, root)?;
+        let (header, d, secrets) = parse_header(&buf, root)?;
+        let state = current_state(&d.state_key, &header.store_id, &buf)?;
         let expected_len = HEADER_LEN + header.buckets as usize * 2 * SLOT_LEN;
         if buf.len() != expected_len {
             return Err(Error::tampered("keyring length"));
@@ -240,8 +432,13 @@ impl Keyring {
             let mut keys = BucketKeys::default();
             for s in 0..2 {
                 let off = slot_offset(b, s) as usize;
-                keys.slots[s] =
-                    parse_slot(&seal, &header.store_id, b, s, &buf[off..off + SLOT_LEN])?;
+                keys.slots[s] = parse_slot(
+                    &d.slot_root,
+                    &header.store_id,
+                    b,
+                    s,
+                    &buf[off..off + SLOT_LEN],
+                )?;
             }
             match (&keys.slots[0], &keys.slots[1]) {
                 (None, None) => return Err(Error::tampered("keyring slot (bucket has no key)")),
@@ -256,7 +453,10 @@ impl Keyring {
         Ok(Keyring {
             file,
             header,
-            seal,
+            slot_root: d.slot_root,
+            state_key: d.state_key,
+            mark_key: d.mark_key,
+            state: std::sync::Mutex::new(state),
             pseudonym: PseudonymKey::new(&pk),
             audit_key: ak,
             buckets: bucket_keys,
@@ -355,7 +555,7 @@ impl Keyring {
                 (1 - slot, gen + 1)
             };
             let kek = random::<32>()?;
-            let bytes = seal_slot(&self.seal, &self.header.store_id, b, free, gen, &kek)?;
+            let bytes = seal_slot(&self.slot_root, &self.header.store_id, b, free, gen, &kek)?;
             self.file.write_all_at(&bytes, slot_offset(b, free))?;
             fresh.push((lock, free, gen, AeadKey::new(&kek)));
         }
@@ -372,12 +572,15 @@ impl Keyring {
 
     /// Last step of a rotation: overwrite the older slot with zeros in place
     /// and sync; from then on that KEK exists nowhere.
+    #[cfg(test)]
     pub(crate) fn finish_rotation(&self, b: u32) -> Result<()> {
-        self.finish_rotations(&[b])
+        self.finish_rotations(&[b], None)
     }
 
-    /// [`Keyring::finish_rotation`] for several buckets, with one sync.
-    pub(crate) fn finish_rotations(&self, buckets: &[u32]) -> Result<()> {
+    /// [`Keyring::finish_rotation`] for several buckets, with one sync;
+    /// with `anchor`, the state (high-water mark, audit head, time) is
+    /// updated by the same sync.
+    pub(crate) fn finish_rotations(&self, buckets: &[u32], anchor: Option<Anchor>) -> Result<()> {
         let mut zeroed = Vec::with_capacity(buckets.len());
         for &b in buckets {
             let lock = self.bucket(b)?;
@@ -393,14 +596,48 @@ impl Keyring {
                 .write_all_at(&[0u8; SLOT_LEN], slot_offset(b, old))?;
             zeroed.push((lock, old));
         }
-        if zeroed.is_empty() {
-            return Ok(());
+        match anchor {
+            Some(a) => self.update_state(|st| a.apply(st))?,
+            None if zeroed.is_empty() => return Ok(()),
+            None => self.file.sync_data()?,
         }
-        self.file.sync_data()?;
         for (lock, old) in zeroed {
             lock_write(lock).slots[old] = None;
         }
         Ok(())
+    }
+
+    /// The current state.
+    pub(crate) fn state(&self) -> KeyringState {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Change the state: the new copy is written over the older one in
+    /// place and synced (with any slot writes before it).
+    pub(crate) fn update_state(&self, f: impl FnOnce(&mut KeyringState)) -> Result<()> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut next = *st;
+        f(&mut next);
+        next.counter = st.counter + 1;
+        let off = STATE_OFF[(next.counter % 2) as usize];
+        self.file.write_all_at(
+            &encode_state(&self.state_key, &self.header.store_id, &next),
+            off as u64,
+        )?;
+        self.file.sync_data()?;
+        *st = next;
+        Ok(())
+    }
+
+    /// The MAC of the data's copy of high-water mark `mark`.
+    pub(crate) fn mark_mac(&self, mark: u64) -> [u8; 32] {
+        let mut ctx = ring::hmac::Context::with_key(&self.mark_key);
+        ctx.update(b"bioseal/v2/data-mark");
+        ctx.update(&self.header.store_id);
+        ctx.update(&mark.to_be_bytes());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(ctx.sign().as_ref());
+        out
     }
 
     /// Lowest and highest live generation over all buckets.
@@ -425,10 +662,10 @@ fn split_secrets(s: &[u8; 64]) -> (Zeroizing<[u8; 32]>, Zeroizing<[u8; 32]>) {
     (a, b)
 }
 
-type HeaderParts = (Header, AeadKey, Zeroizing<[u8; 64]>);
+type HeaderParts = (Header, Derived, Zeroizing<[u8; 64]>);
 
 fn parse_header(buf: &[u8], root: &RootKey) -> Result<HeaderParts> {
-    if buf.len() < HEADER_LEN {
+    if buf.len() < HEAD_LEN {
         return Err(Error::tampered("keyring header (file too short)"));
     }
     if &buf[0..8] != MAGIC {
@@ -439,6 +676,13 @@ fn parse_header(buf: &[u8], root: &RootKey) -> Result<HeaderParts> {
         a.copy_from_slice(&buf[r]);
         u32::from_be_bytes(a)
     };
+    if be32(8..12) == 1 {
+        return Err(Error::LegacyLayout(
+            "this keyring has format 1 (bioseal before the key directory); it cannot be opened \
+             by this version: re-create the store and enroll again"
+                .into(),
+        ));
+    }
     if be32(8..12) != FORMAT_VERSION {
         return Err(Error::tampered("keyring header (unknown format version)"));
     }
@@ -456,14 +700,15 @@ fn parse_header(buf: &[u8], root: &RootKey) -> Result<HeaderParts> {
     let model_id = std::str::from_utf8(&buf[37..37 + mlen])
         .map_err(|_| Error::tampered("keyring header (model id)"))?
         .to_owned();
-    let (seal, kcv) = derive(root, &store_id);
-    if !bool::from(kcv.ct_eq(&buf[KCV_OFF..SECRETS_OFF])) {
+    let d = derive(root, &store_id);
+    if !bool::from(d.kcv.ct_eq(&buf[KCV_OFF..SECRETS_OFF])) {
         return Err(Error::WrongRootKey);
     }
-    let secrets = seal
+    let secrets = d
+        .seal
         .open(&buf[..SECRETS_OFF], &buf[SECRETS_OFF..SECRETS_END])
         .map_err(|_| Error::tampered("keyring header"))?;
-    if buf[SECRETS_END..HEADER_LEN].iter().any(|&b| b != 0) || secrets.len() != 64 {
+    if buf[SECRETS_END..HEAD_LEN].iter().any(|&b| b != 0) || secrets.len() != 64 {
         return Err(Error::tampered("keyring header"));
     }
     let mut s = Zeroizing::new([0u8; 64]);
@@ -475,20 +720,20 @@ fn parse_header(buf: &[u8], root: &RootKey) -> Result<HeaderParts> {
             dim,
             model_id,
         },
-        seal,
+        d,
         s,
     ))
 }
 
 fn seal_slot(
-    seal: &AeadKey,
+    slot_root: &[u8; 32],
     store_id: &[u8; 16],
     b: u32,
     slot: usize,
     gen: u64,
     kek: &[u8; 32],
 ) -> Result<[u8; SLOT_LEN]> {
-    let sealed = seal.seal(&slot_aad(store_id, b, slot, gen), kek)?;
+    let sealed = slot_key(slot_root, b, slot, gen).seal(&slot_aad(store_id, b, slot, gen), kek)?;
     let mut out = [0u8; SLOT_LEN];
     out[..8].copy_from_slice(&gen.to_be_bytes());
     out[8..SLOT_USED].copy_from_slice(&sealed);
@@ -496,7 +741,7 @@ fn seal_slot(
 }
 
 fn parse_slot(
-    seal: &AeadKey,
+    slot_root: &[u8; 32],
     store_id: &[u8; 16],
     b: u32,
     slot: usize,
@@ -511,7 +756,7 @@ fn parse_slot(
     if gen == 0 || bytes[SLOT_USED..].iter().any(|&x| x != 0) {
         return Err(Error::tampered("keyring slot"));
     }
-    let kek = seal
+    let kek = slot_key(slot_root, b, slot, gen)
         .open(&slot_aad(store_id, b, slot, gen), &bytes[8..SLOT_USED])
         .map_err(|_| Error::tampered("keyring slot"))?;
     let mut k = Zeroizing::new([0u8; 32]);
@@ -526,14 +771,21 @@ fn parse_slot(
 /// Used by the decoding property tests and the fuzz target.
 #[doc(hidden)]
 pub fn parse_image(buf: &[u8], root: &RootKey) -> Result<u32> {
-    let (header, seal, _) = parse_header(buf, root)?;
+    let (header, d, _) = parse_header(buf, root)?;
     if buf.len() != HEADER_LEN + header.buckets as usize * 2 * SLOT_LEN {
         return Err(Error::tampered("keyring length"));
     }
+    current_state(&d.state_key, &header.store_id, buf)?;
     for b in 0..header.buckets {
         for s in 0..2 {
             let off = slot_offset(b, s) as usize;
-            parse_slot(&seal, &header.store_id, b, s, &buf[off..off + SLOT_LEN])?;
+            parse_slot(
+                &d.slot_root,
+                &header.store_id,
+                b,
+                s,
+                &buf[off..off + SLOT_LEN],
+            )?;
         }
     }
     Ok(header.buckets)
@@ -545,7 +797,8 @@ mod tests {
 
     fn new_ring(dir: &Path, buckets: u32) -> (Keyring, RootKey) {
         let root = RootKey::from_bytes([3u8; 32]);
-        let k = Keyring::create(&dir.join("keyring"), &root, buckets, "m", 4, 0).expect("create");
+        let k =
+            Keyring::create(&dir.join("keyring"), &root, buckets, "m", 4, 0, 0.5).expect("create");
         (k, root)
     }
 
@@ -618,6 +871,10 @@ mod tests {
             bad[i] ^= 0x40;
             match parse_image(&bad, &root) {
                 Err(Error::Tampered { .. }) => {}
+                // The state copy not yet written (a fresh keyring writes
+                // the other one): a flip there leaves it invalid, and the
+                // current copy is used.
+                Ok(_) if (STATE_OFF[0]..STATE_OFF[0] + STATE_LEN).contains(&i) => {}
                 // The store id and key check value feed the key check.
                 Err(Error::WrongRootKey)
                     if (16..32).contains(&i) || (KCV_OFF..SECRETS_OFF).contains(&i) => {}

@@ -303,6 +303,8 @@ pub(crate) struct Db {
 }
 
 const STORE_ID_KEY: &[u8] = b"store-id";
+/// The data's high-water mark: mark (u64 BE) | MAC (32).
+const MARK_KEY: &[u8] = b"mark";
 
 impl Db {
     /// Open sled at `path`, without sled's own background flusher: the
@@ -344,6 +346,34 @@ impl Db {
     pub(crate) fn set_store_id(&self, id: &[u8; 16]) -> Result<()> {
         self.meta.insert(STORE_ID_KEY, id.as_slice())?;
         self.flush()
+    }
+
+    /// The data's high-water mark (0 for data that never had one), checked
+    /// against `mac` of the value.
+    pub(crate) fn mark(&self, mac: impl Fn(u64) -> [u8; 32]) -> Result<u64> {
+        match self.meta.get(MARK_KEY)? {
+            None => Ok(0),
+            Some(v) if v.len() == 40 => {
+                let mut m = [0u8; 8];
+                m.copy_from_slice(&v[..8]);
+                let m = u64::from_be_bytes(m);
+                if bool::from(subtle::ConstantTimeEq::ct_eq(&mac(m)[..], &v[8..])) {
+                    Ok(m)
+                } else {
+                    Err(Error::tampered("high-water mark"))
+                }
+            }
+            Some(_) => Err(Error::tampered("high-water mark")),
+        }
+    }
+
+    /// Write the data's high-water mark (made durable by the next flush).
+    pub(crate) fn set_mark(&self, mark: u64, mac: &[u8; 32]) -> Result<()> {
+        let mut v = Vec::with_capacity(40);
+        v.extend_from_slice(&mark.to_be_bytes());
+        v.extend_from_slice(mac);
+        self.meta.insert(MARK_KEY, v)?;
+        Ok(())
     }
 
     /// Make everything written so far durable (see [`Syncer`]).

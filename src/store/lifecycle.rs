@@ -307,7 +307,7 @@ impl Store {
             self.refusal_cost(b, &l, probe, guard)?;
             return Err(e);
         }
-        let decision = matcher::decide(&l.payload.templates, probe, self.threshold);
+        let decision = matcher::decide(&l.payload.templates, probe, self.fixed_threshold());
         let st = l.state;
         match decision {
             Decision::Match => {

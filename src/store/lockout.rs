@@ -51,7 +51,11 @@ impl Store {
         probe: &Template,
         guard: &BucketGuard<'_>,
     ) -> Result<()> {
-        let _ = std::hint::black_box(matcher::decide(&l.payload.templates, probe, self.threshold));
+        let _ = std::hint::black_box(matcher::decide(
+            &l.payload.templates,
+            probe,
+            self.fixed_threshold(),
+        ));
         let mut sealed =
             std::hint::black_box(AeadKey::new(&l.dek).seal(b"bioseal/decoy", &self.decoy_payload)?);
         sealed.zeroize();
@@ -71,7 +75,7 @@ impl Store {
         let _ = std::hint::black_box(matcher::decide(
             std::slice::from_ref(&self.decoy_template),
             probe,
-            self.threshold,
+            self.fixed_threshold(),
         ));
         let mut resealed = key.seal(b"bioseal/decoy", &self.decoy_payload)?;
         resealed.zeroize();

@@ -12,7 +12,7 @@ use crate::crypto::random;
 use crate::embedding::{Embedding, Template};
 use crate::error::{Error, Result};
 use crate::failpoint;
-use crate::matcher::{self, Decision};
+use crate::matcher::{self, Decision, Threshold};
 use crate::storage::record::{dek_aad, payload_aad, state_aad, WRAPPED_DEK_LEN};
 use crate::storage::{
     self, day_of, Db, DekTable, SubjectPayload, SubjectRecord, SubjectState, Writes,
@@ -24,7 +24,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use zeroize::{Zeroize, Zeroizing};
 
-const KEYRING_FILE: &str = "keyring";
+/// The keyring's file name in the key directory.
+const KEYRING_FILE: &str = "bioseal.keyring";
+/// Where stores before the key directory kept their keyring.
+const LEGACY_KEYRING_FILE: &str = "keyring";
 const DB_DIR: &str = "db";
 const MAX_SUBJECT_LEN: usize = 1024;
 /// Buckets a sweep or shred rotates together (three syncs per group); their
@@ -106,7 +109,6 @@ pub struct Store {
     keyring: Keyring,
     audit: AuditLog,
     dim: usize,
-    threshold: i64,
     max_templates: usize,
     shred_policy: ShredPolicy,
     clock: Arc<dyn Clock>,
@@ -125,6 +127,12 @@ pub struct Store {
     /// payload the size of a one-template subject's, and a template.
     decoy_payload: Vec<u8>,
     decoy_template: Template,
+    /// The data's high-water mark: raised at every rotation, written to
+    /// the data before the flush and to the keyring after it.
+    mark: Mutex<u64>,
+    /// The match threshold on the fixed-point scale (the keyring holds the
+    /// cosine).
+    threshold_fixed: std::sync::atomic::AtomicI64,
 }
 
 impl fmt::Debug for Store {
@@ -175,25 +183,53 @@ impl Store {
                 std::fs::File::open(parent)?.sync_all()?;
             }
         }
-        let kpath = dir.join(KEYRING_FILE);
+        let key_dir = config.key_dir.clone().ok_or_else(|| {
+            Error::Config(
+                "no key directory (StoreConfig::key_dir): the keyring must live outside the data directory"
+                    .into(),
+            )
+        })?;
+        check_key_dir(&dir, &key_dir)?;
+        if dir.join(LEGACY_KEYRING_FILE).exists() {
+            return Err(Error::LegacyLayout(format!(
+                "{} holds its keyring inside the data directory, where every copy of the data \
+                 carries it; this version keeps it in a key directory with a new format: \
+                 re-create the store and enroll again",
+                dir.display()
+            )));
+        }
+        if !key_dir.exists() {
+            let mut b = std::fs::DirBuilder::new();
+            b.recursive(true);
+            std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+            b.create(&key_dir)?;
+        }
+        let kpath = key_dir.join(KEYRING_FILE);
         let dbpath = dir.join(DB_DIR);
-        let keyring = {
+        let (keyring, created) = {
             let root = config.key.root_key()?;
             if kpath.exists() {
-                Keyring::open(&kpath, &root)?
+                (Keyring::open(&kpath, &root)?, false)
             } else if dbpath.exists() {
                 return Err(Error::KeyUnavailable {
-                    what: "the keyring file is missing; refusing to create a new one over existing data",
+                    what: "the keyring file is missing from the key directory; refusing to create a new one over existing data",
                 });
             } else {
-                Keyring::create(
+                let t = threshold.ok_or_else(|| {
+                    Error::Config(
+                        "no threshold set for a new store (StoreConfig::threshold)".into(),
+                    )
+                })?;
+                let k = Keyring::create(
                     &kpath,
                     &root,
                     config.buckets,
                     &model_id,
                     dim as u32,
                     config.clock.now().unix_secs(),
-                )?
+                    t.as_cosine(),
+                )?;
+                (k, true)
             }
         };
         let h = keyring.header();
@@ -202,6 +238,23 @@ impl Store {
                 stored: format!("{}/{}", h.model_id, h.dim),
                 configured: format!("{model_id}/{dim}"),
             });
+        }
+        let kstate = keyring.state();
+        if let Some(t) = threshold {
+            if t.as_cosine() != kstate.threshold {
+                return Err(Error::Config(format!(
+                    "the store's threshold is {} (kept in the keyring); the configuration asks for {}: \
+                     change it with Store::set_threshold, or leave it unset",
+                    kstate.threshold,
+                    t.as_cosine()
+                )));
+            }
+        }
+        let fresh_keyring = created || (kstate.mark == 0 && kstate.audit_entries == 0);
+        if !dbpath.exists() && !fresh_keyring {
+            // A used keyring and no data: this keyring belongs to data
+            // elsewhere (or deleted); never bind it to new, empty data.
+            return Err(Error::StoreMismatch);
         }
         // bioseal's own flusher (below) replaces sled's, so that queued audit
         // entries and sled's log are flushed together.
@@ -247,15 +300,31 @@ impl Store {
                 Some((tx, handle))
             }
         };
+        // Rollback: the data's high-water mark against the keyring's, and
+        // the audit head the keyring anchored.
+        let data_mark = db.mark(|m| keyring.mark_mac(m))?;
+        let anchored = crate::audit::AuditHead {
+            entries: kstate.audit_entries,
+            last_mac: kstate.audit_mac,
+        };
+        let rolled_back = data_mark < kstate.mark || !audit.holds(&anchored)?;
+        if rolled_back && !config.accept_rollback {
+            return Err(Error::RolledBack {
+                data: data_mark,
+                keyring: kstate.mark,
+            });
+        }
         let buckets = h.buckets;
+        let threshold = Threshold::cosine(kstate.threshold);
         let store = Store {
+            mark: Mutex::new(data_mark.max(kstate.mark)),
+            threshold_fixed: std::sync::atomic::AtomicI64::new(threshold.fixed()),
             flusher,
             dir,
             db,
             keyring,
             audit,
             dim,
-            threshold: threshold.fixed(),
             max_templates: config.max_templates,
             shred_policy: config.shred,
             attempts: config.attempt_policy(),
@@ -270,8 +339,76 @@ impl Store {
             )
             .quantize(dim)?,
         };
+        if rolled_back {
+            store.log(
+                store.clock.now(),
+                AuditEntry::new(AuditEvent::RollbackAccepted)
+                    .count(kstate.mark.saturating_sub(data_mark))
+                    .outcome(AuditOutcome::Ok),
+            )?;
+            // Past both marks: the newer data cannot come back silently.
+            let anchor = store.advance_mark()?;
+            store.keyring.update_state(|st| {
+                st.mark = anchor.mark;
+                st.audit_entries = anchor.audit_entries;
+                st.audit_mac = anchor.audit_mac;
+            })?;
+        }
         store.recover()?;
         Ok(store)
+    }
+
+    /// Change the match threshold (a cosine in (0, 1]). It is kept in the
+    /// authenticated keyring; the change is audited and durable when this
+    /// returns.
+    pub fn set_threshold(&self, t: Threshold) -> Result<()> {
+        if !t.is_valid() {
+            return Err(Error::Config(
+                "threshold must be a finite cosine above 0 and at most 1".into(),
+            ));
+        }
+        self.keyring
+            .update_state(|st| st.threshold = t.as_cosine())?;
+        self.threshold_fixed
+            .store(t.fixed(), std::sync::atomic::Ordering::SeqCst);
+        self.log(
+            self.clock.now(),
+            AuditEntry::new(AuditEvent::ThresholdChanged).outcome(AuditOutcome::Ok),
+        )?;
+        self.flush()
+    }
+
+    /// The match threshold the store decides with (kept in the keyring).
+    pub fn threshold(&self) -> Threshold {
+        Threshold::cosine(self.keyring.state().threshold)
+    }
+
+    /// The fixed-point threshold for the matcher.
+    fn fixed_threshold(&self) -> i64 {
+        self.threshold_fixed
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Raise the high-water mark by one: write it to the data, drain the
+    /// audit queue, flush and sync; returns what the keyring must record
+    /// (its state is written by the caller's keyring sync).
+    fn advance_mark(&self) -> Result<crate::crypto::keyring::Anchor> {
+        let mark = {
+            let mut m = self.mark.lock().unwrap_or_else(|e| e.into_inner());
+            *m += 1;
+            self.db.set_mark(*m, &self.keyring.mark_mac(*m))?;
+            *m
+        };
+        let inner = self.audit.inner();
+        inner.drain()?;
+        let head = inner.head();
+        self.db.flush()?;
+        Ok(crate::crypto::keyring::Anchor {
+            mark,
+            audit_entries: head.entries,
+            audit_mac: head.last_mac,
+            now: self.clock.now().unix_secs(),
+        })
     }
 
     /// The audit log.
@@ -363,6 +500,40 @@ fn to_wrapped(sealed: &[u8]) -> Result<[u8; WRAPPED_DEK_LEN]> {
     }
     w.copy_from_slice(sealed);
     Ok(w)
+}
+
+/// Refuse a key directory that is, or is inside, the data directory.
+fn check_key_dir(data: &Path, keys: &Path) -> Result<()> {
+    let abs = |p: &Path| -> Result<PathBuf> {
+        let p = if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            std::env::current_dir()?.join(p)
+        };
+        // Resolve what exists (symbolic links included); keep the rest.
+        let mut base = p.clone();
+        let mut rest = Vec::new();
+        while !base.exists() {
+            match (base.file_name(), base.parent()) {
+                (Some(n), Some(parent)) => {
+                    rest.push(n.to_owned());
+                    base = parent.to_path_buf();
+                }
+                _ => break,
+            }
+        }
+        let mut out = base.canonicalize().unwrap_or(base);
+        out.extend(rest.iter().rev());
+        Ok(out)
+    };
+    if abs(keys)?.starts_with(abs(data)?) {
+        return Err(Error::Config(format!(
+            "the key directory {} is inside the data directory {}: every copy of the data would carry the keyring",
+            keys.display(),
+            data.display()
+        )));
+    }
+    Ok(())
 }
 
 fn check_subject(subject: &str) -> Result<()> {

@@ -192,9 +192,9 @@ impl Store {
                     .outcome(AuditOutcome::Ok),
             )?;
         }
-        self.flush()?;
+        let anchor = self.advance_mark()?;
         failpoint::hit("rotation:batch-flushed");
-        self.keyring.finish_rotations(&buckets)
+        self.keyring.finish_rotations(&buckets, Some(anchor))
     }
 
     /// Finish a rotation whose new KEK is already in the keyring (after a
@@ -211,8 +211,8 @@ impl Store {
                 .rotation(b, newest)
                 .outcome(AuditOutcome::Ok),
         )?;
-        self.flush()?;
-        self.keyring.finish_rotation(b)
+        let anchor = self.advance_mark()?;
+        self.keyring.finish_rotations(&[b], Some(anchor))
     }
 
     /// Re-seal subject `p` (as `l` holds it) under a fresh DEK and rotate
@@ -265,9 +265,9 @@ impl Store {
                 .rotation(b, gen)
                 .outcome(AuditOutcome::Ok),
         )?;
-        self.flush()?;
+        let anchor = self.advance_mark()?;
         failpoint::hit("rekey:flushed");
-        self.keyring.finish_rotations(&[b])
+        self.keyring.finish_rotations(&[b], Some(anchor))
     }
 
     /// Bucket `b`'s key table re-wrapped under `new_gen` (see

@@ -6,8 +6,10 @@ use crate::{ManualClock, RootKey, Threshold};
 
 const DIM: usize = 8;
 
+/// Data in `dir/data`, keyring in `dir/keys`.
 fn config(dir: &Path, policy: ShredPolicy) -> StoreConfig {
-    StoreConfig::new(dir, RootKey::from_bytes([9; 32]))
+    StoreConfig::new(dir.join("data"), RootKey::from_bytes([9; 32]))
+        .key_dir(dir.join("keys"))
         .model("m", DIM)
         .threshold(Threshold::cosine(0.9))
         .buckets(1)
@@ -57,8 +59,8 @@ fn match_each(store: &Store, ids: impl IntoIterator<Item = usize>) {
 }
 
 fn keyring_slot_bytes(dir: &Path) -> (Vec<u8>, Vec<u8>) {
-    let k = std::fs::read(dir.join(KEYRING_FILE)).expect("read");
-    (k[512..640].to_vec(), k[640..768].to_vec())
+    let k = std::fs::read(dir.join("keys").join(KEYRING_FILE)).expect("read");
+    (k[1024..1152].to_vec(), k[1152..1280].to_vec())
 }
 
 /// Crash right after the new KEK slot was synced: on reopen the rotation

@@ -74,6 +74,7 @@ impl Fixture {
 
     pub fn config_at(&self, dir: &Path) -> StoreConfig {
         StoreConfig::new(dir, RootKey::from_file(self.key_path()).expect("key"))
+            .key_dir(self.secrets.path())
             .model(MODEL, DIM)
             .threshold(Threshold::cosine(0.5))
             .buckets(self.buckets)
