@@ -187,7 +187,11 @@ pub struct AuditLog {
 pub(crate) struct Inner {
     tree: sled::Tree,
     key: hmac::Key,
-    seal: AeadKey,
+    /// HKDF input of the per-segment sealing keys: each segment (one sled
+    /// value, at most 256 entries) is sealed under its own key, derived
+    /// from its first sequence number, so no key seals more than 256
+    /// entries (random 96-bit nonces stay far inside their budget).
+    seal_root: zeroize::Zeroizing<[u8; 32]>,
     /// Next sequence number, and entries not yet sealed and written.
     queue: Mutex<Queue>,
     /// MAC of the last written entry and the number of entries written.
@@ -236,6 +240,25 @@ fn mac(key: &hmac::Key, prev: &[u8; 32], body: &[u8]) -> [u8; 32] {
     out
 }
 
+/// Open entry `seq` under its segment's key.
+fn open_entry(key: &AeadKey, seq: u64, sealed: &[u8]) -> Result<AuditEntry> {
+    let body = key
+        .open(&entry_aad(seq), sealed)
+        .map_err(|_| Error::AuditChainBroken { seq })?;
+    codec()
+        .deserialize(&body)
+        .map_err(|_| Error::AuditChainBroken { seq })
+}
+
+/// The sealing key of the segment whose first entry is `first`.
+fn segment_key(root: &[u8; 32], first: u64) -> AeadKey {
+    AeadKey::new(&hkdf32(
+        &first.to_be_bytes(),
+        root,
+        b"bioseal/v2/audit-segment",
+    ))
+}
+
 fn entry_aad(seq: u64) -> [u8; 28] {
     let mut a = [0u8; 28];
     a[..20].copy_from_slice(b"bioseal/v1/audit-ent");
@@ -277,11 +300,12 @@ impl Inner {
         for segment in entries.chunks(SEGMENT) {
             let mut value = Vec::with_capacity(segment.len() * 160);
             let nonces = crate::crypto::random_nonces(segment.len())?;
+            let key = segment_key(&self.seal_root, segment[0].seq);
             for (e, nonce) in segment.iter().zip(&nonces) {
                 let body = codec()
                     .serialize(e)
                     .map_err(|_| Error::Config("audit entry encoding".into()))?;
-                let sealed = self.seal.seal_with_nonce(nonce, &entry_aad(e.seq), &body)?;
+                let sealed = key.seal_with_nonce(nonce, &entry_aad(e.seq), &body)?;
                 let m = mac(&self.key, &chain.0, &sealed);
                 value.extend_from_slice(&((sealed.len() + MAC_LEN) as u32).to_be_bytes());
                 value.extend_from_slice(&sealed);
@@ -360,7 +384,7 @@ impl AuditLog {
             inner: Arc::new(Inner {
                 tree,
                 key: hmac::Key::new(hmac::HMAC_SHA256, mac_key.as_ref()),
-                seal: AeadKey::new(&seal_key),
+                seal_root: seal_key,
                 queue: Mutex::new(Queue {
                     next_seq,
                     entries: Vec::new(),
@@ -408,11 +432,12 @@ impl AuditLog {
                 return Err(broken);
             }
             let (entries, well_formed) = entries_of(&v);
+            let key = segment_key(&self.inner.seal_root, expected);
             for (sealed, m) in entries {
                 if check_mac && !bool::from(mac(&self.inner.key, &prev, sealed).ct_eq(m)) {
                     return Err(Error::AuditChainBroken { seq: expected });
                 }
-                let entry = self.open_entry(expected, sealed)?;
+                let entry = open_entry(&key, expected, sealed)?;
                 if entry.seq != expected {
                     return Err(Error::AuditChainBroken { seq: expected });
                 }
@@ -455,17 +480,6 @@ impl AuditLog {
             }),
             _ => Ok(head),
         }
-    }
-
-    fn open_entry(&self, seq: u64, sealed: &[u8]) -> Result<AuditEntry> {
-        let body = self
-            .inner
-            .seal
-            .open(&entry_aad(seq), sealed)
-            .map_err(|_| Error::AuditChainBroken { seq })?;
-        codec()
-            .deserialize(&body)
-            .map_err(|_| Error::AuditChainBroken { seq })
     }
 
     /// All entries, in order (checks decoding and sequence, not the MACs).
@@ -524,4 +538,33 @@ struct ExportLine {
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Helpers for the store's unit tests of the per-segment keys.
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::*;
+
+    /// The most entries any stored segment holds.
+    pub(crate) fn max_entries(segments: &[(Vec<u8>, Vec<u8>)]) -> usize {
+        segments
+            .iter()
+            .map(|(_, v)| entries_of(v).0.len())
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Whether the first entry of the second segment opens under its own
+    /// segment key and not under the first segment's.
+    pub(crate) fn cross_open_fails(log: &AuditLog, segments: &[(Vec<u8>, Vec<u8>)]) -> bool {
+        let first = |k: &[u8]| u64::from_be_bytes(k.try_into().unwrap_or([0; 8]));
+        let (k0, k1) = (first(&segments[0].0), first(&segments[1].0));
+        let (entries, _) = entries_of(&segments[1].1);
+        let Some((sealed, _)) = entries.first() else {
+            return false;
+        };
+        let own = segment_key(&log.inner.seal_root, k1);
+        let other = segment_key(&log.inner.seal_root, k0);
+        open_entry(&own, k1, sealed).is_ok() && open_entry(&other, k1, sealed).is_err()
+    }
 }

@@ -110,6 +110,14 @@ pub enum Error {
         /// The configured maximum.
         max: usize,
     },
+    /// The subject's bucket holds the most subjects one bucket may (so that
+    /// no bucket key wraps more than 2^16 data keys); create the store with
+    /// more buckets.
+    #[error("bucket full ({max} subjects): create the store with more buckets")]
+    BucketFull {
+        /// The limit.
+        max: usize,
+    },
     /// Stored data failed authentication or is structurally invalid.
     #[error("tampered or corrupted data: {what}")]
     Tampered {

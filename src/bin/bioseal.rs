@@ -217,7 +217,7 @@ impl From<Error> for Fail {
             | Error::TooManyTemplates { .. }
             | Error::Config(_) => 3,
             Error::NotEnrolled => 4,
-            Error::AlreadyEnrolled => 3,
+            Error::AlreadyEnrolled | Error::BucketFull { .. } => 3,
             Error::PurposeNotConsented | Error::ConsentExpired | Error::RetentionExpired => 5,
             Error::LockedOut { .. } | Error::VerificationDisabled => 6,
             Error::WrongRootKey

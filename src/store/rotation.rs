@@ -2,6 +2,9 @@
 
 use super::*;
 
+/// Most subjects one bucket holds (see [`Store::table_with`]).
+pub(crate) const MAX_BUCKET_SUBJECTS: usize = 1 << 16;
+
 /// A bucket's DEKs opened for a rotation, sorted by pseudonym.
 pub(super) type Deks = Vec<(Pseudonym, Zeroizing<Vec<u8>>)>;
 
@@ -124,12 +127,27 @@ impl Store {
 
     /// The bucket's key table with `p`'s entry set to `dek`, wrapped under
     /// the newest KEK.
+    ///
+    /// A bucket holds at most [`MAX_BUCKET_SUBJECTS`] entries: that bounds
+    /// what one KEK ever seals (its table at the rotation that created it,
+    /// plus each enrollment since, each adding an entry; every removal
+    /// under immediate shredding rotates) to 2^16 wraps, far inside the
+    /// 2^32 random-nonce budget of AES-GCM.
     pub(super) fn table_with(&self, p: &Pseudonym, b: u32, dek: &[u8; 32]) -> Result<Vec<u8>> {
-        let (generation, wrapped) = self.wrap_dek(p, b, dek)?;
-        let mut table = match self.db.keys.get(storage::key_table_key(b))? {
-            Some(v) => DekTable::decode(&v)?,
-            None => DekTable::new(generation),
+        let existing = match self.db.keys.get(storage::key_table_key(b))? {
+            Some(v) => Some(DekTable::decode(&v)?),
+            None => None,
         };
+        if existing
+            .as_ref()
+            .is_some_and(|t| t.entries.len() >= MAX_BUCKET_SUBJECTS)
+        {
+            return Err(Error::BucketFull {
+                max: MAX_BUCKET_SUBJECTS,
+            });
+        }
+        let (generation, wrapped) = self.wrap_dek(p, b, dek)?;
+        let mut table = existing.unwrap_or_else(|| DekTable::new(generation));
         if table.generation != generation {
             return Err(Error::tampered("bucket key table (generation)"));
         }

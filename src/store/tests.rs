@@ -297,3 +297,61 @@ fn a_filling_audit_queue_wakes_the_flusher() {
         "the flusher drained at the mark"
     );
 }
+
+/// A bucket refuses a subject past its limit (what bounds the wraps one
+/// KEK ever seals), without sealing anything.
+#[test]
+fn a_full_bucket_refuses_enrollment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(config(dir.path(), ShredPolicy::Immediate)).expect("open");
+    populate(&store, 1);
+    let mut t = table_of(&store, 0);
+    for i in 0..rotation::MAX_BUCKET_SUBJECTS as u32 {
+        let mut p = [0xffu8; 32];
+        p[..4].copy_from_slice(&i.to_be_bytes());
+        t.put(&Pseudonym(p), [0; WRAPPED_DEK_LEN]);
+    }
+    store
+        .db
+        .keys
+        .insert(storage::key_table_key(0), t.encode())
+        .expect("insert");
+    let c = Consent::new([Purpose::IDENTITY_VERIFICATION])
+        .expires_at(Timestamp::from_unix_secs(99_999))
+        .evidence([1; 32]);
+    assert!(matches!(
+        store.enroll("one-too-many", Embedding::new(vec_for(3)), c),
+        Err(Error::BucketFull { .. })
+    ));
+}
+
+/// Each audit segment is sealed under its own key: an entry of one segment
+/// does not open under another segment's key, and no segment holds more
+/// than 256 entries.
+#[test]
+fn audit_segments_have_their_own_keys() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(config(dir.path(), ShredPolicy::Immediate)).expect("open");
+    populate(&store, 1);
+    for _ in 0..600 {
+        let _ = store.verify(
+            "s0",
+            &Purpose::IDENTITY_VERIFICATION,
+            Embedding::new(vec_for(0)),
+        );
+    }
+    store.flush().expect("flush");
+    let segments: Vec<(Vec<u8>, Vec<u8>)> = store
+        .db
+        .audit
+        .iter()
+        .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).expect("kv"))
+        .collect();
+    assert!(segments.len() >= 3, "{} segments", segments.len());
+    assert!(crate::audit::tests_support::max_entries(&segments) <= 256);
+    assert!(crate::audit::tests_support::cross_open_fails(
+        &store.audit,
+        &segments
+    ));
+    store.audit().verify_chain().expect("chain");
+}
