@@ -73,6 +73,9 @@ pub enum AuditEvent {
     RollbackAccepted,
     /// The match threshold kept in the keyring was changed.
     ThresholdChanged,
+    /// The operator confirmed a clock reading more than the maximum jump
+    /// past the latest time seen (`count`: seconds jumped).
+    ClockJumpAccepted,
 }
 
 /// How it ended.

@@ -21,6 +21,9 @@ pub const DEFAULT_MAX_TEMPLATES: usize = 5;
 /// Default maximum consent lifetime: three years (BIPA §15(a)'s outer limit).
 pub const DEFAULT_MAX_CONSENT_LIFETIME: Duration = Duration::from_secs(3 * 365 * 86_400);
 
+/// Default [`StoreConfig::max_clock_jump`]: 30 days.
+pub const DEFAULT_MAX_CLOCK_JUMP: Duration = Duration::from_secs(30 * 86_400);
+
 /// Default maximum inactivity after the last successful interaction: three
 /// years (BIPA §15(a)).
 pub const DEFAULT_MAX_INACTIVITY: Duration = Duration::from_secs(3 * 365 * 86_400);
@@ -107,6 +110,8 @@ pub struct StoreConfig {
     pub(crate) dir: PathBuf,
     pub(crate) key_dir: Option<PathBuf>,
     pub(crate) accept_rollback: bool,
+    pub(crate) max_clock_jump: Duration,
+    pub(crate) accept_clock_jump: bool,
     pub(crate) key: Box<dyn KeyProvider>,
     pub(crate) model: Option<(String, usize)>,
     pub(crate) threshold: Option<Threshold>,
@@ -129,6 +134,8 @@ impl StoreConfig {
             dir: dir.into(),
             key_dir: None,
             accept_rollback: false,
+            max_clock_jump: DEFAULT_MAX_CLOCK_JUMP,
+            accept_clock_jump: false,
             key: Box::new(key),
             model: None,
             threshold: None,
@@ -150,6 +157,24 @@ impl StoreConfig {
     /// root key file there too (or in an HSM), never in the data directory.
     pub fn key_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.key_dir = Some(dir.into());
+        self
+    }
+
+    /// The largest forward jump of the clock past the latest time seen (kept
+    /// in the keyring) that destruction by deadline trusts (default 30
+    /// days). Past it, `sweep` and a touched expired subject fail with
+    /// [`crate::Error::ClockJump`] and destroy nothing, until the operator
+    /// confirms the time with [`StoreConfig::accept_clock_jump`]. A service
+    /// that was stopped longer than this must confirm too.
+    pub fn max_clock_jump(mut self, d: Duration) -> Self {
+        self.max_clock_jump = d;
+        self
+    }
+
+    /// Confirm that the clock's current reading is right even though it is
+    /// more than `max_clock_jump` past the latest time seen (audited).
+    pub fn accept_clock_jump(mut self, accept: bool) -> Self {
+        self.accept_clock_jump = accept;
         self
     }
 
@@ -313,6 +338,8 @@ impl fmt::Debug for StoreConfig {
             .field("dir", &self.dir)
             .field("key_dir", &self.key_dir)
             .field("accept_rollback", &self.accept_rollback)
+            .field("max_clock_jump", &self.max_clock_jump)
+            .field("accept_clock_jump", &self.accept_clock_jump)
             .field("key", &format_args!("[REDACTED]"))
             .field("model", &self.model)
             .field("threshold", &self.threshold)

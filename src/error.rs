@@ -151,6 +151,17 @@ pub enum Error {
         /// The keyring's.
         keyring: u64,
     },
+    /// The clock reads more than the configured maximum past the latest
+    /// time the store has seen: destruction by deadline is paused (nothing
+    /// was destroyed) until the operator confirms the time
+    /// (`StoreConfig::accept_clock_jump`).
+    #[error("the clock jumped forward from {last_seen} to {now}; nothing is destroyed by deadline until the time is confirmed (accept-clock-jump)")]
+    ClockJump {
+        /// The latest time seen before the jump.
+        last_seen: Timestamp,
+        /// The clock's reading.
+        now: Timestamp,
+    },
     /// A store in a layout this version does not open; the message says
     /// what to do.
     #[error("old store layout: {0}")]

@@ -92,7 +92,7 @@ mod store;
 pub use audit::{AuditEntry, AuditEvent, AuditHead, AuditLog, AuditOutcome};
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use config::{
-    AttemptPolicy, Durability, ShredPolicy, StoreConfig, DEFAULT_BUCKETS,
+    AttemptPolicy, Durability, ShredPolicy, StoreConfig, DEFAULT_BUCKETS, DEFAULT_MAX_CLOCK_JUMP,
     DEFAULT_MAX_CONSENT_LIFETIME, DEFAULT_MAX_INACTIVITY, DEFAULT_MAX_TEMPLATES,
 };
 pub use consent::{Consent, ConsentStatus, Purpose};

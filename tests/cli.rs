@@ -540,3 +540,99 @@ fn add_template_threshold_mirror_rollback_and_key_placement() {
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("inside the store directory"));
 }
+
+/// Issue 11 §8: whatever the umask (0 here) and an existing directory's
+/// mode (0755 here), every file bioseal creates is 0600 and every directory
+/// 0700, the audit export included; a closed pipe ends `audit export`
+/// quietly; `--expires` takes seconds and minutes.
+#[test]
+fn private_modes_under_umask_0_closed_pipe_and_short_expiries() {
+    use std::os::unix::fs::PermissionsExt;
+    let cli = Cli::new();
+    std::fs::create_dir(&cli.store).expect("mkdir");
+    std::fs::set_permissions(&cli.store, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let sh = |args: &str| {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "umask 000; exec \"$BIOSEAL\" --store \"$STORE\" --root-key \"$KEY\" {args}"
+            ))
+            .env("BIOSEAL", env!("CARGO_BIN_EXE_bioseal"))
+            .env("STORE", &cli.store)
+            .env("KEY", &cli.key)
+            .env_remove("BIOSEAL_KEYS")
+            .output()
+            .expect("sh");
+        assert!(
+            out.status.success(),
+            "{args}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    sh(&format!("init --model m1 --dim {DIM} --threshold 0.5"));
+    let mut rng = Rng(5);
+    let e = cli.json("e.json", &rng.unit(DIM));
+    let ev = cli.file("ev.pdf", b"release");
+    for (i, expires) in ["90s", "30m"].iter().enumerate() {
+        sh(&format!(
+            "enroll --subject s{i} --embedding {e} --purpose identity-verification --expires {expires} --evidence {ev}"
+        ));
+    }
+    let export = cli.files.join("audit.jsonl");
+    std::fs::write(&export, b"").expect("pre-existing");
+    std::fs::set_permissions(&export, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    sh(&format!("audit export --out {}", export.display()));
+    let keys = cli.key.parent().expect("key dir").to_path_buf();
+    let mut checked = 0;
+    let mut check = |p: &Path| {
+        let m = std::fs::metadata(p).expect("meta");
+        let want = if m.is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(m.permissions().mode() & 0o777, want, "{}", p.display());
+        checked += 1;
+    };
+    fn walk(p: &Path, f: &mut dyn FnMut(&Path)) {
+        f(p);
+        if p.is_dir() {
+            for e in std::fs::read_dir(p).expect("readdir") {
+                walk(&e.expect("entry").path(), f);
+            }
+        }
+    }
+    walk(&cli.store, &mut check);
+    check(&keys.join("bioseal.keyring"));
+    check(&cli.key);
+    check(&export);
+    assert!(checked >= 8, "{checked}");
+
+    // A reader that goes away after one line, while the log is far larger
+    // than a pipe's buffer: no error, exit 0.
+    let lines: Vec<String> = (0..800)
+        .map(|i| {
+            serde_json::json!({
+                "subject": format!("bulk-{i}"),
+                "embedding": rng.unit(DIM),
+                "purposes": ["identity-verification"],
+                "expires": "90d",
+                "evidence_sha256": "ab".repeat(32),
+            })
+            .to_string()
+        })
+        .collect();
+    let bulk = cli.file("bulk.jsonl", (lines.join("\n") + "\n").as_bytes());
+    sh(&format!("enroll --jsonl {bulk}"));
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg("\"$BIOSEAL\" --store \"$STORE\" --root-key \"$KEY\" audit export | head -n 1 >/dev/null; exit ${PIPESTATUS[0]}")
+        .env("BIOSEAL", env!("CARGO_BIN_EXE_bioseal"))
+        .env("STORE", &cli.store)
+        .env("KEY", &cli.key)
+        .output()
+        .expect("sh");
+    assert!(
+        out.status.success() && !String::from_utf8_lossy(&out.stderr).contains("error"),
+        "{:?} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

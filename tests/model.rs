@@ -232,6 +232,9 @@ impl Harness {
             .buckets(4)
             .max_templates(MAX_TEMPLATES)
             .max_inactivity(DAY * INACTIVITY_DAYS as u32)
+            // Several clock advances in a row are ordinary here, not a
+            // jump to refuse (tests/retention.rs covers the jump check).
+            .max_clock_jump(DAY * 3650)
             .shred_policy(self.policy)
             .clock(self.clock.clone())
     }

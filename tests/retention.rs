@@ -81,7 +81,13 @@ fn inactivity_deadline_moves_with_each_match() {
 #[test]
 fn sweep_destroys_exactly_the_due_subjects_and_visits_only_them() {
     let f = Fixture::new(16);
-    let store = Store::open(f.config().max_inactivity(DAY * 100)).expect("open");
+    // The clock moves 55 and 40 days at a time here: allow it.
+    let store = Store::open(
+        f.config()
+            .max_inactivity(DAY * 100)
+            .max_clock_jump(DAY * 60),
+    )
+    .expect("open");
     let mut rng = Rng(4);
     let vecs: Vec<Vec<f32>> = (0..60).map(|_| rng.unit(DIM)).collect();
     for (i, v) in vecs.iter().enumerate() {
@@ -279,4 +285,58 @@ fn a_sweep_of_several_groups_destroys_exactly_the_due_subjects() {
     store.audit().verify_chain().expect("chain");
     let again = store.sweep().expect("second sweep");
     assert_eq!((again.examined, again.expired), (0, 0));
+}
+
+/// Issue 11 §8: a clock set far forward must not crypto-shred everyone. A
+/// jump of more than the maximum (30 days by default) past the latest time
+/// the store has seen pauses destruction by deadline: `sweep` and a touched
+/// expired subject answer `ClockJump` and destroy nothing. Reopened with the
+/// operator's confirmation (audited), the sweep goes ahead. Steps within
+/// the maximum, and the time seen in an earlier process, count as seen.
+#[test]
+fn a_forward_clock_jump_pauses_destruction_until_confirmed() {
+    let f = Fixture::new(4);
+    let mut rng = Rng(61);
+    let (a, b) = (rng.unit(DIM), rng.unit(DIM));
+    {
+        let store = f.open();
+        store
+            .enroll("a", emb(&a), consent(f.now(), 10))
+            .expect("enroll");
+        store
+            .enroll("b", emb(&b), consent(f.now(), 300))
+            .expect("enroll");
+        // Small steps are seen; the sweep persists the time seen.
+        for _ in 0..5 {
+            f.clock.advance(DAY);
+            assert_eq!(store.sweep().expect("sweep").expired, 0);
+        }
+    }
+    // Stopped and restarted 25 days later: within the maximum.
+    f.clock.advance(DAY * 25);
+    {
+        let store = f.open();
+        assert_eq!(store.sweep().expect("sweep").expired, 1, "a expired");
+    }
+    // Now the clock jumps a year ahead (b's consent would have run out).
+    f.clock.advance(DAY * 365);
+    let store = f.open();
+    assert!(matches!(store.sweep(), Err(Error::ClockJump { .. })));
+    assert!(matches!(
+        store.verify("b", &IDV, emb(&b)),
+        Err(Error::ClockJump { .. })
+    ));
+    assert_eq!(
+        store.stats().expect("stats").subjects,
+        1,
+        "nothing destroyed"
+    );
+    drop(store);
+    let store = Store::open(f.config().accept_clock_jump(true)).expect("confirmed");
+    let audit = store.audit().entries().expect("entries");
+    assert!(audit
+        .iter()
+        .any(|e| e.event == bioseal::AuditEvent::ClockJumpAccepted));
+    assert_eq!(store.sweep().expect("sweep").expired, 1);
+    assert_eq!(store.stats().expect("stats").subjects, 0);
 }

@@ -18,6 +18,7 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use std::io::BufRead;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -45,6 +46,11 @@ struct Cli {
     /// (exit 10).
     #[arg(long, global = true)]
     accept_rollback: bool,
+    /// Confirm the clock after it jumped forward more than 30 days past the
+    /// latest time the store saw (audited); until then nothing is destroyed
+    /// by deadline (exit 11).
+    #[arg(long, global = true)]
+    accept_clock_jump: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -227,6 +233,7 @@ impl From<Error> for Fail {
             | Error::LegacyLayout(_)
             | Error::ModelMismatch { .. } => 7,
             Error::RolledBack { .. } => 10,
+            Error::ClockJump { .. } => 11,
             Error::Tampered { .. } | Error::AuditChainBroken { .. } => 8,
             _ => 9,
         };
@@ -312,7 +319,10 @@ fn read_settings(dir: &Path) -> R<Settings> {
 
 fn write_settings(dir: &Path, s: &Settings) -> R<()> {
     let text = serde_json::to_string_pretty(s).map_err(|e| Fail(9, e.to_string()))?;
-    std::fs::write(dir.join(SETTINGS_FILE), text + "\n").map_err(|e| Fail(9, e.to_string()))
+    let path = dir.join(SETTINGS_FILE);
+    std::fs::write(&path, text + "\n").map_err(|e| Fail(9, e.to_string()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| Fail(9, e.to_string()))
 }
 
 fn open(cli: &Cli) -> R<(Store, Settings)> {
@@ -333,7 +343,8 @@ fn open_with(cli: &Cli, settings: Settings) -> R<(Store, Settings)> {
             .key_dir(keys)
             .model(&settings.model, settings.dim)
             .buckets(settings.buckets)
-            .accept_rollback(cli.accept_rollback),
+            .accept_rollback(cli.accept_rollback)
+            .accept_clock_jump(cli.accept_clock_jump),
     )?;
     Ok((store, settings))
 }
@@ -507,11 +518,26 @@ fn run(cli: Cli) -> R<u8> {
                 AuditCmd::Export { out } => {
                     let n = match out {
                         Some(path) => {
-                            let f = std::fs::File::create(path)
+                            let mut o = std::fs::OpenOptions::new();
+                            o.write(true).create(true).truncate(true);
+                            std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+                            let f = o
+                                .open(path)
+                                .map_err(|e| input(format!("{}: {e}", path.display())))?;
+                            // An existing file keeps its mode on open: set it.
+                            f.set_permissions(std::fs::Permissions::from_mode(0o600))
                                 .map_err(|e| input(format!("{}: {e}", path.display())))?;
                             store.audit().export(std::io::BufWriter::new(f))?
                         }
-                        None => store.audit().export(std::io::stdout().lock())?,
+                        None => match store.audit().export(std::io::stdout().lock()) {
+                            Ok(n) => n,
+                            // `bioseal audit export | head`: the reader is
+                            // gone; stop quietly.
+                            Err(Error::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                                return Ok(0)
+                            }
+                            Err(e) => return Err(e.into()),
+                        },
                     };
                     eprintln!("exported {n} entries");
                 }
@@ -831,7 +857,7 @@ fn parse_npy(b: &[u8]) -> Result<Vec<f32>, String> {
         _ => return Err(bad("expected one vector (shape (n,) or (1, n))")),
     };
     let data = &b[start + len..];
-    if data.len() != n * width {
+    if Some(data.len()) != n.checked_mul(width) {
         return Err(bad("data length does not match the shape"));
     }
     Ok(if width == 4 {
@@ -870,13 +896,15 @@ fn now_secs() -> u64 {
 fn parse_expiry(s: &str) -> R<Timestamp> {
     let bad = || {
         input(format!(
-            "bad --expires {s:?}: use a date (2027-06-01) or 90d, 12w, 1y, 36h"
+            "bad --expires {s:?}: use a date (2027-06-01) or 90d, 12w, 1y, 36h, 30m, 90s"
         ))
     };
     if let Some((num, unit)) = s.char_indices().last().map(|(i, c)| (&s[..i], c)) {
         if let (Ok(n), Some(secs)) = (
             num.parse::<u64>(),
             match unit {
+                's' => Some(1),
+                'm' => Some(60),
                 'h' => Some(3_600),
                 'd' => Some(86_400),
                 'w' => Some(7 * 86_400),
@@ -1034,6 +1062,10 @@ mod tests {
             "{'descr': '<f4', 'fortran_order': False, 'shape': (3,), }",
             "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 1), }",
             "{'descr': '<f4', 'fortran_order': True, 'shape': (2,), }",
+            // Shapes whose byte count overflows (a debug build panicked).
+            "{'descr': '<f8', 'fortran_order': False, 'shape': (2305843009213693952,), }",
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (18446744073709551615,), }",
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 4611686018427387905), }",
         ] {
             assert!(parse_npy(&file(bad)).is_err(), "{bad}");
         }

@@ -260,7 +260,9 @@ impl Syncer {
             for e in dir {
                 let e = e?;
                 if !seen.contains(&e.file_name()) {
-                    std::fs::File::open(e.path())?.sync_all()?;
+                    let f = std::fs::File::open(e.path())?;
+                    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+                    f.sync_all()?;
                     seen.insert(e.file_name());
                     new = true;
                 }
@@ -271,6 +273,24 @@ impl Syncer {
         }
         Ok(())
     }
+}
+
+/// Make `dir` and everything below it private: directories 0700, files
+/// 0600, whatever the umask was when they were created (sled creates its
+/// files with the process umask) or the mode an existing directory had.
+pub(crate) fn restrict_tree(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let t = e.file_type()?;
+        if t.is_dir() {
+            restrict_tree(&e.path())?;
+        } else if t.is_file() {
+            std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(0o600))?;
+        }
+    }
+    Ok(())
 }
 
 /// `fsync` every file below `dir` and every directory, `dir` included

@@ -54,7 +54,7 @@ impl Store {
     ) -> Result<()> {
         check_subject(subject)?;
         let template = embedding.quantize(self.dim)?;
-        let now = self.clock.now();
+        let now = self.now();
         let consent = consent.accept(now, self.max_consent_lifetime)?;
         let (p, b, key) = self.locate(subject);
         let guard = self.lock(b);
@@ -156,7 +156,7 @@ impl Store {
         let probe = probe.quantize(self.dim)?;
         let (p, b, key) = self.locate(subject);
         let guard = self.lock(b);
-        let now = self.clock.now();
+        let now = self.now();
         let adding = add.is_some();
         let result = self.verify_locked(&p, b, &key, purpose, &probe, add, now, &guard);
         let outcome = match &result {
@@ -215,7 +215,7 @@ impl Store {
     /// restores the previous consent.
     pub fn renew_consent(&self, subject: &str, consent: Consent) -> Result<ConsentStatus> {
         check_subject(subject)?;
-        let now = self.clock.now();
+        let now = self.now();
         let consent = consent.accept(now, self.max_consent_lifetime)?;
         let (p, b, key) = self.locate(subject);
         let guard = self.lock(b);
@@ -239,7 +239,7 @@ impl Store {
     /// shreds it, under the immediate policy).
     pub fn withdraw_purpose(&self, subject: &str, purpose: &Purpose) -> Result<Withdrawal> {
         check_subject(subject)?;
-        let now = self.clock.now();
+        let now = self.now();
         let (p, b, key) = self.locate(subject);
         let guard = self.lock(b);
         let mut l = self.load_live(&p, b, &key, now, &guard)?;
@@ -261,7 +261,7 @@ impl Store {
     /// destroyed and reported as expired.
     pub fn consent_status(&self, subject: &str) -> Result<ConsentStatus> {
         check_subject(subject)?;
-        let now = self.clock.now();
+        let now = self.now();
         let (p, b, key) = self.locate(subject);
         let guard = self.lock(b);
         let l = self.load_live(&p, b, &key, now, &guard)?;
@@ -351,11 +351,9 @@ impl Store {
         p: &Pseudonym,
         guard: &BucketGuard<'_>,
     ) -> Result<ShredReceipt> {
-        let revoked_at = self.clock.now();
+        let revoked_at = self.now();
         let status = if self.destroy(b, &[*p], guard)? {
-            ShredStatus::Shredded {
-                at: self.clock.now(),
-            }
+            ShredStatus::Shredded { at: self.now() }
         } else {
             ShredStatus::Pending
         };

@@ -9,7 +9,7 @@ impl Store {
     /// like every state change except a match.
     pub fn reset_attempts(&self, subject: &str) -> Result<()> {
         check_subject(subject)?;
-        let now = self.clock.now();
+        let now = self.now();
         let (p, b, key) = self.locate(subject);
         let guard = self.lock(b);
         let mut l = self.load_live(&p, b, &key, now, &guard)?;

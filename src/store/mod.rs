@@ -130,6 +130,11 @@ pub struct Store {
     /// The data's high-water mark: raised at every rotation, written to
     /// the data before the flush and to the keyring after it.
     mark: Mutex<u64>,
+    /// The latest time seen (Unix seconds): the clock's readings that were
+    /// not a jump forward of more than `max_clock_jump`; persisted in the
+    /// keyring at every rotation and sweep.
+    seen: std::sync::atomic::AtomicU64,
+    max_clock_jump: Duration,
     /// The match threshold on the fixed-point scale (the keyring holds the
     /// cosine).
     threshold_fixed: std::sync::atomic::AtomicI64,
@@ -190,6 +195,7 @@ impl Store {
             )
         })?;
         check_key_dir(&dir, &key_dir)?;
+        storage::restrict_tree(&dir)?;
         if dir.join(LEGACY_KEYRING_FILE).exists() {
             return Err(Error::LegacyLayout(format!(
                 "{} holds its keyring inside the data directory, where every copy of the data \
@@ -204,6 +210,10 @@ impl Store {
             std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
             b.create(&key_dir)?;
         }
+        std::fs::set_permissions(
+            &key_dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )?;
         let kpath = key_dir.join(KEYRING_FILE);
         let dbpath = dir.join(DB_DIR);
         let (keyring, created) = {
@@ -259,6 +269,7 @@ impl Store {
         // bioseal's own flusher (below) replaces sled's, so that queued audit
         // entries and sled's log are flushed together.
         let db = Db::open(&dbpath, config.cache_bytes)?;
+        storage::restrict_tree(&dir)?;
         match db.store_id()? {
             Some(id) if id == h.store_id => {}
             Some(_) => return Err(Error::StoreMismatch),
@@ -318,6 +329,12 @@ impl Store {
         let threshold = Threshold::cosine(kstate.threshold);
         let store = Store {
             mark: Mutex::new(data_mark.max(kstate.mark)),
+            seen: std::sync::atomic::AtomicU64::new(if config.accept_clock_jump {
+                config.clock.now().unix_secs().max(kstate.last_seen)
+            } else {
+                kstate.last_seen
+            }),
+            max_clock_jump: config.max_clock_jump,
             threshold_fixed: std::sync::atomic::AtomicI64::new(threshold.fixed()),
             flusher,
             dir,
@@ -339,9 +356,19 @@ impl Store {
             )
             .quantize(dim)?,
         };
+        if config.accept_clock_jump {
+            let seen = store.seen.load(std::sync::atomic::Ordering::SeqCst);
+            store.keyring.update_state(|st| st.last_seen = seen)?;
+            store.log(
+                store.now(),
+                AuditEntry::new(AuditEvent::ClockJumpAccepted)
+                    .count(seen.saturating_sub(kstate.last_seen))
+                    .outcome(AuditOutcome::Ok),
+            )?;
+        }
         if rolled_back {
             store.log(
-                store.clock.now(),
+                store.now(),
                 AuditEntry::new(AuditEvent::RollbackAccepted)
                     .count(kstate.mark.saturating_sub(data_mark))
                     .outcome(AuditOutcome::Ok),
@@ -372,7 +399,7 @@ impl Store {
         self.threshold_fixed
             .store(t.fixed(), std::sync::atomic::Ordering::SeqCst);
         self.log(
-            self.clock.now(),
+            self.now(),
             AuditEntry::new(AuditEvent::ThresholdChanged).outcome(AuditOutcome::Ok),
         )?;
         self.flush()
@@ -381,6 +408,32 @@ impl Store {
     /// The match threshold the store decides with (kept in the keyring).
     pub fn threshold(&self) -> Threshold {
         Threshold::cosine(self.keyring.state().threshold)
+    }
+
+    /// The clock's reading; remembered as the latest time seen unless it is
+    /// a jump forward of more than `max_clock_jump` past it.
+    fn now(&self) -> Timestamp {
+        use std::sync::atomic::Ordering;
+        let now = self.clock.now();
+        let seen = self.seen.load(Ordering::Relaxed);
+        if now.unix_secs() <= seen.saturating_add(self.max_clock_jump.as_secs()) {
+            self.seen.fetch_max(now.unix_secs(), Ordering::Relaxed);
+        }
+        now
+    }
+
+    /// Refuse destruction by deadline while the clock reads more than
+    /// `max_clock_jump` past the latest time seen: a clock set forward
+    /// (by mistake or by an attacker) must not crypto-shred everyone.
+    pub(super) fn check_clock(&self, now: Timestamp) -> Result<()> {
+        let seen = self.seen.load(std::sync::atomic::Ordering::SeqCst);
+        if now.unix_secs() > seen.saturating_add(self.max_clock_jump.as_secs()) {
+            return Err(Error::ClockJump {
+                last_seen: Timestamp::from_unix_secs(seen),
+                now,
+            });
+        }
+        Ok(())
     }
 
     /// The fixed-point threshold for the matcher.
@@ -407,7 +460,7 @@ impl Store {
             mark,
             audit_entries: head.entries,
             audit_mac: head.last_mac,
-            now: self.clock.now().unix_secs(),
+            now: self.seen.load(std::sync::atomic::Ordering::SeqCst),
         })
     }
 
@@ -485,6 +538,8 @@ impl Drop for Store {
             let _ = handle.join();
         }
         let _ = self.flush();
+        // Files sled created while open (snapshots) get the private mode.
+        let _ = storage::restrict_tree(&self.dir);
     }
 }
 

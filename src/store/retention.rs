@@ -16,7 +16,8 @@ impl Store {
     /// way, and the groups done are done.
     pub fn sweep(&self) -> Result<SweepReport> {
         let started = Instant::now();
-        let now = self.clock.now();
+        let now = self.now();
+        self.check_clock(now)?;
         let mut due: BTreeMap<u32, Vec<(Pseudonym, u32)>> = BTreeMap::new();
         let mut examined = 0;
         for (day, b, p) in self.due_index_entries(now)? {
@@ -73,6 +74,10 @@ impl Store {
                 .outcome(AuditOutcome::Ok),
         )?;
         self.flush()?;
+        // The latest time seen, kept for the next process's jump check.
+        let seen = self.seen.load(std::sync::atomic::Ordering::SeqCst);
+        self.keyring
+            .update_state(|st| st.last_seen = st.last_seen.max(seen))?;
         Ok(SweepReport {
             examined,
             expired,
@@ -183,7 +188,7 @@ impl Store {
     /// destroying or writing anything (a dry run). Visits the same
     /// retention-index entries the sweep would.
     pub fn due(&self) -> Result<usize> {
-        let now = self.clock.now();
+        let now = self.now();
         let mut seen = std::collections::HashSet::new();
         let mut n = 0;
         for (_, b, p) in self.due_index_entries(now)? {
@@ -261,9 +266,10 @@ impl Store {
         reason: AuditOutcome,
         guard: &BucketGuard<'_>,
     ) -> Result<()> {
+        self.check_clock(self.now())?;
         self.destroy(b, &[*p], guard)?;
         self.log(
-            self.clock.now(),
+            self.now(),
             AuditEntry::new(AuditEvent::Expire)
                 .subject(p)
                 .outcome(reason),

@@ -28,7 +28,7 @@ impl Store {
         }
         if n > 0 {
             self.log(
-                self.clock.now(),
+                self.now(),
                 AuditEntry::new(AuditEvent::Shred)
                     .count(n as u64)
                     .outcome(AuditOutcome::Ok),
@@ -201,7 +201,7 @@ impl Store {
         }
         w.apply(&self.db)?;
         failpoint::hit("rotation:batch-applied");
-        let now = self.clock.now();
+        let now = self.now();
         for (&b, &gen) in buckets.iter().zip(&gens) {
             self.log(
                 now,
@@ -224,7 +224,7 @@ impl Store {
             self.db.keys.insert(storage::key_table_key(b), t)?;
         }
         self.log(
-            self.clock.now(),
+            self.now(),
             AuditEntry::new(AuditEvent::KeyRotation)
                 .rotation(b, newest)
                 .outcome(AuditOutcome::Ok),
@@ -278,7 +278,7 @@ impl Store {
         w.apply_atomic(&self.db)?;
         failpoint::hit("rekey:applied");
         self.log(
-            self.clock.now(),
+            self.now(),
             AuditEntry::new(AuditEvent::KeyRotation)
                 .rotation(b, gen)
                 .outcome(AuditOutcome::Ok),
