@@ -1,7 +1,8 @@
 //! A small HTTP verification service: how a real service links bioseal.
 //!
 //! ```sh
-//! cargo run --example verification_service -- 127.0.0.1:8080 /tmp/bioseal-demo
+//! BIOSEAL_OPERATOR_TOKEN=$(head -c 32 /dev/urandom | base64) \
+//!   cargo run --example verification_service -- 127.0.0.1:8080 /tmp/bioseal-demo
 //! ```
 //!
 //! One [`Store`] shared by every handler (`Arc`); its calls block (sled, and
@@ -11,9 +12,26 @@
 //! score (bioseal has none to give).
 //!
 //! Routes (JSON in, JSON out):
-//! - `POST /enroll` `{subject, embedding, purposes, expires_unix, evidence_sha256}` → 201
 //! - `POST /verify` `{subject, purpose, embedding}` → 200 `{"decision": "match" | "no-match"}`
+//! - `POST /add-template` `{subject, purpose, probe, embedding}` → 200
+//!   `{"decision": ...}`: the template is added only after the probe matches
+//!
+//! Operator routes, which need `Authorization: Bearer <token>` (the token
+//! from `BIOSEAL_OPERATOR_TOKEN`; compared in constant time; 401 without):
+//! - `POST /enroll` `{subject, embedding, purposes, expires_unix, evidence_sha256}` → 201
+//!   (409 if the subject is already enrolled)
 //! - `POST /revoke` `{subject}` → 200 `{"shred": "shredded" | "pending"}`
+//! - `POST /reset` `{subject}` → 200 (re-enables a subject disabled after
+//!   too many failures)
+//!
+//! A real deployment puts more in front of this: TLS; operator credentials
+//! per person from an identity provider, not one shared token; proof that
+//! an enrollment comes from a checked ID document and a live capture
+//! (presentation-attack detection), tied to the signed consent whose digest
+//! is the evidence; a rate limit per client and per subject in front of
+//! `/verify` (every refused or unknown-subject verify costs a key rotation,
+//! and 50 wrong probes disable a subject: SECURITY.md §11); and one answer
+//! for every refusal, so that status codes do not tell who is enrolled.
 
 use axum::extract::{Json, State};
 use axum::http::{header, StatusCode};
@@ -28,10 +46,20 @@ use serde::Deserialize;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// The service's state: one store for every request.
+/// The service's state: one store for every request, and the operator
+/// token (wiped on drop).
 #[derive(Clone)]
 pub struct AppState {
     store: Arc<Store>,
+    operator_token: Arc<zeroize::Zeroizing<String>>,
+}
+
+#[derive(Deserialize)]
+pub struct AddTemplateRequest {
+    subject: String,
+    purpose: String,
+    probe: Vec<f32>,
+    embedding: Vec<f32>,
 }
 
 #[derive(Deserialize)]
@@ -62,6 +90,7 @@ impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         let status = match &e {
             Error::NotEnrolled => StatusCode::NOT_FOUND,
+            Error::AlreadyEnrolled => StatusCode::CONFLICT,
             Error::PurposeNotConsented => StatusCode::FORBIDDEN,
             Error::ConsentExpired | Error::RetentionExpired => StatusCode::GONE,
             Error::LockedOut { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -171,6 +200,56 @@ async fn verify(
     Ok(Json(serde_json::json!({ "decision": decision })))
 }
 
+async fn add_template(
+    State(st): State<AppState>,
+    Json(req): Json<AddTemplateRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    let purpose = purpose(&req.purpose)?;
+    let (probe, new) = (Embedding::new(req.probe), Embedding::new(req.embedding));
+    let d =
+        blocking(move || Ok(st.store.add_template(&req.subject, &purpose, probe, new)?)).await?;
+    let decision = match d {
+        Decision::Match => "match",
+        Decision::NoMatch => "no-match",
+    };
+    Ok(Json(serde_json::json!({ "decision": decision })))
+}
+
+async fn reset(
+    State(st): State<AppState>,
+    Json(req): Json<RevokeRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    blocking(move || Ok(st.store.reset_attempts(&req.subject)?)).await?;
+    Ok(Json(serde_json::json!({ "status": "reset" })))
+}
+
+/// Operator routes: `Authorization: Bearer <token>`, compared in constant
+/// time; 401 otherwise.
+async fn require_operator(
+    State(st): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use subtle::ConstantTimeEq;
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let want = st.operator_token.as_bytes();
+    let ok = given.len() == want.len() && bool::from(given.as_bytes().ct_eq(want));
+    if !ok || want.is_empty() {
+        return ApiError(
+            StatusCode::UNAUTHORIZED,
+            "operator token required".into(),
+            None,
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
 async fn revoke(
     State(st): State<AppState>,
     Json(req): Json<RevokeRequest>,
@@ -199,14 +278,27 @@ async fn log_requests(req: axum::extract::Request, next: axum::middleware::Next)
     resp
 }
 
-/// The service's routes over `store`.
-pub fn app(store: Arc<Store>) -> Router {
-    Router::new()
+/// The service's routes over `store`; the operator routes need
+/// `operator_token` (an empty token refuses every operator request).
+pub fn app(store: Arc<Store>, operator_token: String) -> Router {
+    let state = AppState {
+        store,
+        operator_token: Arc::new(zeroize::Zeroizing::new(operator_token)),
+    };
+    let operator = Router::new()
         .route("/enroll", post(enroll))
-        .route("/verify", post(verify))
         .route("/revoke", post(revoke))
+        .route("/reset", post(reset))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_operator,
+        ));
+    Router::new()
+        .route("/verify", post(verify))
+        .route("/add-template", post(add_template))
+        .merge(operator)
         .layer(axum::middleware::from_fn(log_requests))
-        .with_state(AppState { store })
+        .with_state(state)
 }
 
 #[allow(dead_code)] // the integration test includes this file for `app`
@@ -226,12 +318,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .model("demo", 512)
             .threshold(Threshold::cosine(0.5)),
     )?;
+    let token = std::env::var("BIOSEAL_OPERATOR_TOKEN")
+        .map_err(|_| "set BIOSEAL_OPERATOR_TOKEN (the operator routes' bearer token)")?;
+    if token.len() < 32 {
+        return Err("BIOSEAL_OPERATOR_TOKEN must be at least 32 characters".into());
+    }
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     eprintln!(
         "listening on {} (store {})",
         listener.local_addr()?,
         dir.display()
     );
-    axum::serve(listener, app(Arc::new(store))).await?;
+    axum::serve(listener, app(Arc::new(store), token)).await?;
     Ok(())
 }

@@ -11,8 +11,23 @@ use common::{Fixture, Rng, DIM};
 use serde_json::{json, Value};
 use std::sync::Arc;
 
+const TOKEN: &str = "operator-token-for-the-test-0123456789";
+
 fn post(base: &str, path: &str, body: Value) -> (u16, Value, Option<String>) {
-    let r = match ureq::post(&format!("{base}{path}")).send_json(body) {
+    post_as(base, path, Some(TOKEN), body)
+}
+
+fn post_as(
+    base: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Value,
+) -> (u16, Value, Option<String>) {
+    let mut req = ureq::post(&format!("{base}{path}"));
+    if let Some(t) = token {
+        req = req.set("Authorization", &format!("Bearer {t}"));
+    }
+    let r = match req.send_json(body) {
         Ok(r) => r,
         Err(ureq::Error::Status(_, r)) => r,
         Err(e) => panic!("{path}: {e}"),
@@ -38,7 +53,7 @@ fn service_maps_the_store_onto_http() {
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
-    rt.spawn(async move { axum::serve(listener, service::app(store)).await });
+    rt.spawn(async move { axum::serve(listener, service::app(store, TOKEN.into())).await });
 
     let mut rng = Rng(4242);
     let alice = rng.unit(DIM);
@@ -61,8 +76,49 @@ fn service_maps_the_store_onto_http() {
         )
     };
 
+    // Operator routes without the token, or with a wrong one: 401, and
+    // nothing enrolled.
+    let body = json!({
+        "subject": "alice", "embedding": alice, "purposes": ["identity-verification"],
+        "expires_unix": expires, "evidence_sha256": "ab".repeat(32),
+    });
+    assert_eq!(post_as(&base, "/enroll", None, body.clone()).0, 401);
+    assert_eq!(
+        post_as(
+            &base,
+            "/enroll",
+            Some("operator-token-for-the-test-0123456788"),
+            body
+        )
+        .0,
+        401
+    );
+    assert_eq!(
+        post_as(&base, "/revoke", None, json!({"subject": "alice"})).0,
+        401
+    );
+    assert_eq!(
+        post_as(&base, "/reset", Some("x"), json!({"subject": "alice"})).0,
+        401
+    );
+    assert_eq!(verify("alice", "identity-verification", &alice).0, 404);
+
     let (s, b, _) = enroll("alice", &alice);
     assert_eq!((s, b["status"].as_str()), (201, Some("enrolled")));
+    // Enrolling again (another face) is refused.
+    assert_eq!(enroll("alice", &rng.unit(DIM)).0, 409);
+    // add-template: only after a match; needs no operator token.
+    let second = rng.unit(DIM);
+    let (s, b, _) = post_as(
+        &base,
+        "/add-template",
+        None,
+        json!({"subject": "alice", "purpose": "identity-verification",
+               "probe": rng.noisy(&alice, 0.2), "embedding": second}),
+    );
+    assert_eq!((s, b["decision"].as_str()), (200, Some("match")));
+    let (s, b, _) = verify("alice", "identity-verification", &second);
+    assert_eq!((s, b["decision"].as_str()), (200, Some("match")));
     let (s, b, _) = verify("alice", "identity-verification", &rng.noisy(&alice, 0.2));
     assert_eq!((s, b["decision"].as_str()), (200, Some("match")));
     let (s, b, _) = verify("alice", "identity-verification", &rng.unit(DIM));
@@ -89,6 +145,10 @@ fn service_maps_the_store_onto_http() {
     assert_eq!(s, 429);
     let retry: u64 = retry.and_then(|r| r.parse().ok()).expect("Retry-After");
     assert!((28..=30).contains(&retry), "{retry}");
+    // The operator resets the counter.
+    assert_eq!(post(&base, "/reset", json!({"subject": "alice"})).0, 200);
+    let (s, b, _) = verify("alice", "identity-verification", &alice);
+    assert_eq!((s, b["decision"].as_str()), (200, Some("match")));
     // Revoke: shredded, then unknown.
     let (s, b, _) = post(&base, "/revoke", json!({"subject": "alice"}));
     assert_eq!((s, b["shred"].as_str()), (200, Some("shredded")));
