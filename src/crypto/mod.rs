@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use zeroize::Zeroizing;
 
 /// Fill `buf` from the operating system's CSPRNG.
-fn fill_random(buf: &mut [u8]) -> Result<()> {
+pub(crate) fn fill_random(buf: &mut [u8]) -> Result<()> {
     use ring::rand::SecureRandom;
     ring::rand::SystemRandom::new().fill(buf).map_err(|_| {
         Error::Io(std::io::Error::other(

@@ -8,12 +8,17 @@
 //! - `b'd' | bucket | pseudonym` → deadline day (u32 BE): where the subject's
 //!   index entry is, so that it can be removed without decrypting anything
 //! - `b'P' | bucket (u32 BE)` → empty: a revocation in that bucket awaits its shred
+//! - `Zdecoy` → random bytes the size of a record, rewritten by every
+//!   refused or unknown-subject verify so that it writes what a no-match
+//!   writes (see `Store::verify`)
 //!
 //! Tree `keys`: `b'K' | bucket (u32 BE)` → the bucket's key table
 //! ([`DekTable`]): every subject's DEK in the bucket, wrapped under the
 //! bucket's KEK; a tree of its own, so that rewriting a table does not churn
 //! the leaves that hold records.
-//! Tree `meta`: `store-id` → the 16-byte store id, paired with the keyring's.
+//! Tree `meta`: `store-id` → the 16-byte store id, paired with the keyring's;
+//! `mark` → the data's high-water mark (u64 BE) and its MAC (see
+//! `Store::open`).
 //! Tree `audit`: the audit log (see `crate::audit`).
 //!
 //! `Writes` spans both `records` and `keys`: sled has one log for all trees,
@@ -28,6 +33,9 @@ use std::path::Path;
 pub(crate) use record::{DekTable, SubjectPayload, SubjectRecord, SubjectState};
 
 const SUBJECT: u8 = b'S';
+/// The one key the decoy writes (random bytes the size of a record; see
+/// `Store::verify`): no storage is ever created for an unknown subject.
+pub(crate) const DECOY_KEY: &[u8] = b"Zdecoy";
 const KEY_TABLE: u8 = b'K';
 const DEADLINE: u8 = b'D';
 const DEADLINE_PTR: u8 = b'd';

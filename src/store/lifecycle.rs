@@ -286,7 +286,7 @@ impl Store {
         let mut l = match self.load_live(p, b, key, now, guard) {
             Ok(l) => l,
             Err(Error::NotEnrolled) => {
-                self.decoy(b, probe, guard)?;
+                self.decoy(p, b, probe, guard)?;
                 return Err(Error::NotEnrolled);
             }
             Err(e) => return Err(e),

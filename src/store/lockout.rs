@@ -67,11 +67,27 @@ impl Store {
     /// same size; the comparison against a stand-in template; a re-seal;
     /// and a rotation of the bucket the pseudonym falls in), without
     /// creating any storage for the unknown id.
-    pub(super) fn decoy(&self, b: u32, probe: &Template, guard: &BucketGuard<'_>) -> Result<()> {
+    pub(super) fn decoy(
+        &self,
+        p: &Pseudonym,
+        b: u32,
+        probe: &Template,
+        guard: &BucketGuard<'_>,
+    ) -> Result<()> {
+        // The reads a record load and its re-seal make: the key table and
+        // its entry, the retention pointer.
+        if let Some(t) = self.db.keys.get(storage::key_table_key(b))? {
+            let _ = std::hint::black_box(DekTable::find(&t, p));
+        }
+        let _ = std::hint::black_box(self.db.records.get(storage::deadline_ptr_key(b, p))?);
         let dek = random::<32>()?;
         let key = AeadKey::new(&dek);
+        let wrapped = key.seal(b"bioseal/decoy-dek", dek.as_ref())?;
+        let _ = std::hint::black_box(key.open(b"bioseal/decoy-dek", &wrapped));
         let sealed = key.seal(b"bioseal/decoy", &self.decoy_payload)?;
         let _ = std::hint::black_box(key.open(b"bioseal/decoy", &sealed));
+        let state = key.seal(b"bioseal/decoy-state", &[0u8; 20])?;
+        let _ = std::hint::black_box(key.open(b"bioseal/decoy-state", &state));
         let _ = std::hint::black_box(matcher::decide(
             std::slice::from_ref(&self.decoy_template),
             probe,
@@ -79,6 +95,7 @@ impl Store {
         ));
         let mut resealed = key.seal(b"bioseal/decoy", &self.decoy_payload)?;
         resealed.zeroize();
+        let _ = std::hint::black_box(key.seal(b"bioseal/decoy-state", &[0u8; 20])?);
         self.rotate_many(&[(b, Vec::new())], &[guard], true)
     }
 }

@@ -199,7 +199,19 @@ impl Store {
             }
             w.remove(storage::pending_key(b).as_slice());
         }
-        w.apply(&self.db)?;
+        if strict {
+            // A strict rotation is a refused or unknown-subject verify: it
+            // writes as a no-match's re-key does (one sled transaction with
+            // a record-sized value: random bytes at one fixed key, never
+            // anything about the caller's subject), so that the two cost
+            // the same (SECURITY.md §11).
+            let mut stand_in = vec![0u8; self.decoy_payload.len() + 5 + 2 * 28 + 20];
+            crate::crypto::fill_random(&mut stand_in)?;
+            w.insert(storage::DECOY_KEY, stand_in);
+            w.apply_atomic(&self.db)?;
+        } else {
+            w.apply(&self.db)?;
+        }
         failpoint::hit("rotation:batch-applied");
         let now = self.now();
         for (&b, &gen) in buckets.iter().zip(&gens) {

@@ -1,0 +1,144 @@
+//! Does a verify's latency tell who is enrolled? (issue 11 §5; SECURITY.md
+//! §11.) Two classes of calls are interleaved at random on one store:
+//! an enrolled subject's `NoMatch` (an impostor probe: a re-key and a
+//! rotation of its bucket) and an unknown subject (the decoy path: the same
+//! work on stand-ins and a rotation of the bucket its pseudonym falls in).
+//! Welch's t compares the two latency distributions, raw and cropped at
+//! several percentiles; |t| < 4.5 means no difference is detectable at that
+//! confidence. An A/A control splits the NoMatch class in two to show what
+//! the machine produces with no difference at all.
+//!
+//! `cargo bench --bench membership` (release; a few minutes: every call
+//! syncs). `BIOSEAL_MEMBERSHIP_SAMPLES` sets the calls per class (default
+//! 10,000). Not part of `cargo test`: it is statistical, and disk latency
+//! on a shared machine moves it.
+
+#[path = "common/mod.rs"]
+mod common;
+use common::{consent, unit, DIM};
+
+use bioseal::{Decision, Embedding, Error, Purpose, RootKey, Store, StoreConfig, Threshold};
+use std::time::Instant;
+
+fn welch(a: &[f64], b: &[f64]) -> f64 {
+    let stats = |x: &[f64]| {
+        let n = x.len() as f64;
+        let m = x.iter().sum::<f64>() / n;
+        let v = x.iter().map(|y| (y - m) * (y - m)).sum::<f64>() / (n - 1.0);
+        (n, m, v)
+    };
+    let (na, ma, va) = stats(a);
+    let (nb, mb, vb) = stats(b);
+    (ma - mb) / (va / na + vb / nb).sqrt()
+}
+
+/// Largest |t| over the raw samples and the samples cropped at the 99th,
+/// 90th and 50th percentile of both classes together.
+fn max_t(a: &[f64], b: &[f64]) -> f64 {
+    let mut all: Vec<f64> = a.iter().chain(b).copied().collect();
+    all.sort_by(f64::total_cmp);
+    let mut worst = welch(a, b).abs();
+    for p in [0.99, 0.90, 0.50] {
+        let cut = all[((all.len() as f64 * p) as usize).min(all.len() - 1)];
+        let (ca, cb): (Vec<f64>, Vec<f64>) = (
+            a.iter().copied().filter(|x| *x <= cut).collect(),
+            b.iter().copied().filter(|x| *x <= cut).collect(),
+        );
+        if ca.len() > 10 && cb.len() > 10 {
+            worst = worst.max(welch(&ca, &cb).abs());
+        }
+    }
+    worst
+}
+
+fn median(x: &[f64]) -> f64 {
+    let mut v = x.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() -> Result<(), Error> {
+    let samples: usize = std::env::var("BIOSEAL_MEMBERSHIP_SAMPLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let tmp = tempfile::tempdir()?;
+    let store = Store::open(
+        StoreConfig::new(tmp.path().join("data"), RootKey::from_bytes([3; 32]))
+            .key_dir(tmp.path().join("keys"))
+            .model("bench", DIM)
+            .threshold(Threshold::cosine(0.5)),
+    )?;
+    // Each enrolled subject takes at most 4 impostor probes (no lockout).
+    let enrolled = samples.div_ceil(4) + 1;
+    let vecs: Vec<Vec<f32>> = (0..enrolled as u64).map(unit).collect();
+    for chunk in (0..enrolled).collect::<Vec<_>>().chunks(1_000) {
+        let items: Vec<_> = chunk
+            .iter()
+            .map(|&i| (format!("s{i}"), Embedding::from_slice(&vecs[i]), consent()))
+            .collect();
+        for r in store.enroll_many(items)? {
+            r?;
+        }
+    }
+    let impostor = unit(999_999);
+    let purpose = Purpose::IDENTITY_VERIFICATION;
+    let (mut member, mut stranger) = (Vec::new(), Vec::new());
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+    let (mut next_member, mut next_stranger) = (0usize, 0usize);
+    // Warm-up, untimed.
+    for i in 0..200 {
+        let _ = store.verify(
+            &format!("warm-{i}"),
+            &purpose,
+            Embedding::from_slice(&impostor),
+        );
+    }
+    while member.len() < samples || stranger.len() < samples {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let pick_member = (rng & 1 == 0 && member.len() < samples) || stranger.len() >= samples;
+        let probe = Embedding::from_slice(&impostor);
+        if pick_member {
+            let id = format!("s{}", next_member / 4);
+            next_member += 1;
+            let t = Instant::now();
+            let r = store.verify(&id, &purpose, probe);
+            let d = t.elapsed();
+            assert!(matches!(r, Ok(Decision::NoMatch)), "{id}: {r:?}");
+            member.push(d.as_secs_f64() * 1e6);
+        } else {
+            let id = format!("unknown-{next_stranger}");
+            next_stranger += 1;
+            let t = Instant::now();
+            let r = store.verify(&id, &purpose, probe);
+            let d = t.elapsed();
+            assert!(matches!(r, Err(Error::NotEnrolled)), "{id}: {r:?}");
+            stranger.push(d.as_secs_f64() * 1e6);
+        }
+    }
+    let (a1, a2): (Vec<f64>, Vec<f64>) = {
+        let (mut x, mut y) = (Vec::new(), Vec::new());
+        for (i, v) in member.iter().enumerate() {
+            if i % 2 == 0 {
+                x.push(*v)
+            } else {
+                y.push(*v)
+            }
+        }
+        (x, y)
+    };
+    println!("membership timing, {samples} calls per class, {enrolled} enrolled subjects");
+    println!("  enrolled NoMatch  median {:9.1} µs", median(&member));
+    println!("  unknown subject   median {:9.1} µs", median(&stranger));
+    println!(
+        "  NoMatch vs unknown: max |t| = {:.2}",
+        max_t(&member, &stranger)
+    );
+    println!(
+        "  A/A control (NoMatch halves): max |t| = {:.2}",
+        max_t(&a1, &a2)
+    );
+    Ok(())
+}
