@@ -754,7 +754,10 @@ fn calibrate_cmd(cli: &Cli, pairs: &Path, target_fmr: f64, apply: bool) -> R<u8>
             hex(&sha256_file(pairs)?)
         ));
         write_settings(dir, &s)?;
-        println!("applied to {}", dir.join(SETTINGS_FILE).display());
+        println!(
+            "applied to the keyring (audited); mirrored in {}",
+            dir.join(SETTINGS_FILE).display()
+        );
     }
     Ok(0)
 }
