@@ -15,22 +15,10 @@
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{consent, unit, DIM};
+use common::{consent, unit, welch, DIM};
 
 use bioseal::{Decision, Embedding, Error, Purpose, RootKey, Store, StoreConfig, Threshold};
 use std::time::Instant;
-
-fn welch(a: &[f64], b: &[f64]) -> f64 {
-    let stats = |x: &[f64]| {
-        let n = x.len() as f64;
-        let m = x.iter().sum::<f64>() / n;
-        let v = x.iter().map(|y| (y - m) * (y - m)).sum::<f64>() / (n - 1.0);
-        (n, m, v)
-    };
-    let (na, ma, va) = stats(a);
-    let (nb, mb, vb) = stats(b);
-    (ma - mb) / (va / na + vb / nb).sqrt()
-}
 
 /// Largest |t| over the raw samples and the samples cropped at the 99th,
 /// 90th and 50th percentile of both classes together.

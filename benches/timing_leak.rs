@@ -12,6 +12,10 @@
 //! classes together). Not part of `cargo test`: it is statistical, and a loaded
 //! machine can push |t| up without any leak in the code.
 
+#[path = "common/mod.rs"]
+mod common;
+use common::welch;
+
 use bioseal::__timing::Fixture;
 use std::hint::black_box;
 use std::time::Instant;
@@ -36,19 +40,6 @@ impl Rng {
         let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
         v.into_iter().map(|x| x / n).collect()
     }
-}
-
-/// Welch's t statistic of two samples.
-fn welch(a: &[f64], b: &[f64]) -> f64 {
-    let stats = |x: &[f64]| {
-        let n = x.len() as f64;
-        let m = x.iter().sum::<f64>() / n;
-        let v = x.iter().map(|y| (y - m) * (y - m)).sum::<f64>() / (n - 1.0);
-        (n, m, v)
-    };
-    let (na, ma, va) = stats(a);
-    let (nb, mb, vb) = stats(b);
-    (ma - mb) / (va / na + vb / nb).sqrt()
 }
 
 /// Time `samples` decisions, class chosen at random each time; return the

@@ -155,49 +155,43 @@ fn main() -> Result<(), Error> {
         timed(&mut || assert_eq!(p.verify(&id, &v).ok().flatten(), Some(true)))
     });
     row("verify (hot)", v_ours, v_peer);
-    // A failed verify: an impostor probe against subjects ops..2*ops (one
-    // failure each). bioseal re-keys the subject and rotates its bucket; the
-    // peer updates its counter row.
+    // A failed verify (an impostor probe against subjects ops..2*ops, one
+    // failure each: bioseal re-keys the subject and rotates its bucket; the
+    // peer writes its audit row) and an unknown subject (bioseal's decoy
+    // costs what a no-match costs).
     let impostor = unit(u64::MAX / 3);
-    let f_ours = time(&mut |i| {
-        let (id, mut e) = (
-            format!("s{}", ops + i),
-            Some(Embedding::from_slice(&impostor)),
-        );
-        timed(&mut || {
-            let d = store.verify(
-                &id,
-                &Purpose::IDENTITY_VERIFICATION,
-                e.take().expect("probe"),
-            );
-            assert!(matches!(d, Ok(bioseal::Decision::NoMatch)), "{d:?}");
-        })
-    });
-    let f_peer = time(&mut |i| {
-        let id = format!("s{}", ops + i);
-        timed(&mut || assert_eq!(p.verify(&id, &impostor).ok().flatten(), Some(false)))
-    });
-    row("verify (no match)", f_ours, f_peer);
-    // An unknown subject: bioseal's decoy costs what a no-match costs.
-    let u_ours = time(&mut |i| {
-        let (id, mut e) = (
-            format!("unknown-{i}"),
-            Some(Embedding::from_slice(&impostor)),
-        );
-        timed(&mut || {
-            let d = store.verify(
-                &id,
-                &Purpose::IDENTITY_VERIFICATION,
-                e.take().expect("probe"),
-            );
-            assert!(matches!(d, Err(Error::NotEnrolled)), "{d:?}");
-        })
-    });
-    let u_peer = time(&mut |i| {
-        let id = format!("unknown-{i}");
-        timed(&mut || assert_eq!(p.verify(&id, &impostor).ok().flatten(), None))
-    });
-    row("verify (unknown subject)", u_ours, u_peer);
+    let mut impostor_row = |name: &str, id: &dyn Fn(usize) -> String, peer_says: Option<bool>| {
+        let ours = time(&mut |i| {
+            let (id, mut e) = (id(i), Some(Embedding::from_slice(&impostor)));
+            timed(&mut || {
+                let d = store.verify(
+                    &id,
+                    &Purpose::IDENTITY_VERIFICATION,
+                    e.take().expect("probe"),
+                );
+                let want = match peer_says {
+                    Some(_) => matches!(d, Ok(bioseal::Decision::NoMatch)),
+                    None => matches!(d, Err(Error::NotEnrolled)),
+                };
+                assert!(want, "{d:?}");
+            })
+        });
+        let peer = time(&mut |i| {
+            let id = id(i);
+            timed(&mut || assert_eq!(p.verify(&id, &impostor).ok().flatten(), peer_says))
+        });
+        row(name, ours, peer);
+    };
+    impostor_row(
+        "verify (no match)",
+        &|i| format!("s{}", ops + i),
+        Some(false),
+    );
+    impostor_row(
+        "verify (unknown subject)",
+        &|i| format!("unknown-{i}"),
+        None,
+    );
     let e_ours = time(&mut |i| {
         let (id, mut e) = (format!("e{i}"), Some(Embedding::new(unit((n + i) as u64))));
         timed(&mut || {

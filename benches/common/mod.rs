@@ -31,3 +31,16 @@ pub fn consent() -> Consent {
         .expires_at(Timestamp::from_unix_secs(now + 365 * 86_400))
         .evidence([1; 32])
 }
+
+/// Welch's t statistic of two samples.
+pub fn welch(a: &[f64], b: &[f64]) -> f64 {
+    let stats = |x: &[f64]| {
+        let n = x.len() as f64;
+        let m = x.iter().sum::<f64>() / n;
+        let v = x.iter().map(|y| (y - m) * (y - m)).sum::<f64>() / (n - 1.0);
+        (n, m, v)
+    };
+    let (na, ma, va) = stats(a);
+    let (nb, mb, vb) = stats(b);
+    (ma - mb) / (va / na + vb / nb).sqrt()
+}

@@ -121,6 +121,19 @@ impl PowerFs {
         self.state().syncs
     }
 
+    /// Add a directory or file; its attributes.
+    fn new_node(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+        kind: FileType,
+        mode: u32,
+    ) -> Result<FileAttr, Errno> {
+        let mut s = self.state();
+        let ino = s.add(parent.0, name, kind, (mode & 0o7777) as u16)?;
+        s.attr(ino).ok_or(Errno::EIO)
+    }
+
     /// The power cut: every file back to its durable bytes; unfreeze.
     pub fn cut(&self) {
         let mut s = self.state();
@@ -282,13 +295,8 @@ impl Filesystem for PowerFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let mut s = self.state();
-        let perm = (mode & !umask & 0o7777) as u16;
-        match s.add(parent.0, name, FileType::Directory, perm) {
-            Ok(i) => match s.attr(i) {
-                Some(a) => reply.entry(&TTL, &a, Generation(0)),
-                None => reply.error(Errno::EIO),
-            },
+        match self.new_node(parent, name, FileType::Directory, mode & !umask) {
+            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
             Err(e) => reply.error(e),
         }
     }
@@ -303,19 +311,14 @@ impl Filesystem for PowerFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        let mut s = self.state();
-        let perm = (mode & !umask & 0o7777) as u16;
-        match s.add(parent.0, name, FileType::RegularFile, perm) {
-            Ok(i) => match s.attr(i) {
-                Some(a) => reply.created(
-                    &TTL,
-                    &a,
-                    Generation(0),
-                    FileHandle(0),
-                    FopenFlags::FOPEN_DIRECT_IO,
-                ),
-                None => reply.error(Errno::EIO),
-            },
+        match self.new_node(parent, name, FileType::RegularFile, mode & !umask) {
+            Ok(a) => reply.created(
+                &TTL,
+                &a,
+                Generation(0),
+                FileHandle(0),
+                FopenFlags::FOPEN_DIRECT_IO,
+            ),
             Err(e) => reply.error(e),
         }
     }
