@@ -1,8 +1,10 @@
 //! Does a verify's latency tell who is enrolled? (issue 11 §5; SECURITY.md
-//! §11.) Two classes of calls are interleaved at random on one store:
+//! §11.) Three classes of calls are interleaved at random on one store:
 //! an enrolled subject's `NoMatch` (an impostor probe: a re-key and a
-//! rotation of its bucket) and an unknown subject (the decoy path: the same
-//! work on stand-ins and a rotation of the bucket its pseudonym falls in).
+//! rotation of its bucket), an unknown subject (the decoy path: the same
+//! work on stand-ins and a rotation of the bucket its pseudonym falls in),
+//! and a locked-out subject (refused: the comparison thrown away and a
+//! rotation).
 //! Welch's t compares the two latency distributions, raw and cropped at
 //! several percentiles; |t| < 4.5 means no difference is detectable at that
 //! confidence. An A/A control splits the NoMatch class in two to show what
@@ -17,7 +19,9 @@
 mod common;
 use common::{consent, unit, welch, DIM};
 
-use bioseal::{Decision, Embedding, Error, Purpose, RootKey, Store, StoreConfig, Threshold};
+use bioseal::{
+    Decision, Embedding, Error, ManualClock, Purpose, RootKey, Store, StoreConfig, Threshold,
+};
 use std::time::Instant;
 
 /// Largest |t| over the raw samples and the samples cropped at the 99th,
@@ -51,11 +55,14 @@ fn main() -> Result<(), Error> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000);
     let tmp = tempfile::tempdir()?;
+    // A stopped clock: the locked-out class stays locked for the whole run.
+    let clock = ManualClock::new(bioseal::Clock::now(&bioseal::SystemClock));
     let store = Store::open(
         StoreConfig::new(tmp.path().join("data"), RootKey::from_bytes([3; 32]))
             .key_dir(tmp.path().join("keys"))
             .model("bench", DIM)
-            .threshold(Threshold::cosine(0.5)),
+            .threshold(Threshold::cosine(0.5))
+            .clock(clock),
     )?;
     // Each enrolled subject takes at most 4 impostor probes (no lockout).
     let enrolled = samples.div_ceil(4) + 1;
@@ -71,7 +78,15 @@ fn main() -> Result<(), Error> {
     }
     let impostor = unit(999_999);
     let purpose = Purpose::IDENTITY_VERIFICATION;
-    let (mut member, mut stranger) = (Vec::new(), Vec::new());
+    // 100 subjects locked out after 5 failures.
+    for i in 0..100u64 {
+        let id = format!("locked-{i}");
+        store.enroll(&id, Embedding::from_slice(&unit(5_000_000 + i)), consent())?;
+        for _ in 0..5 {
+            let _ = store.verify(&id, &purpose, Embedding::from_slice(&impostor))?;
+        }
+    }
+    let (mut member, mut stranger, mut locked) = (Vec::new(), Vec::new(), Vec::new());
     let mut rng = 0x9E37_79B9_7F4A_7C15u64;
     let (mut next_member, mut next_stranger) = (0usize, 0usize);
     // Warm-up, untimed.
@@ -82,13 +97,26 @@ fn main() -> Result<(), Error> {
             Embedding::from_slice(&impostor),
         );
     }
-    while member.len() < samples || stranger.len() < samples {
+    while member.len() < samples || stranger.len() < samples || locked.len() < samples {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
-        let pick_member = (rng & 1 == 0 && member.len() < samples) || stranger.len() >= samples;
+        let class = match rng % 3 {
+            0 if member.len() < samples => 0,
+            1 if stranger.len() < samples => 1,
+            _ if locked.len() < samples => 2,
+            _ if member.len() < samples => 0,
+            _ => 1,
+        };
         let probe = Embedding::from_slice(&impostor);
-        if pick_member {
+        if class == 2 {
+            let id = format!("locked-{}", locked.len() % 100);
+            let t = Instant::now();
+            let r = store.verify(&id, &purpose, probe);
+            let d = t.elapsed();
+            assert!(matches!(r, Err(Error::LockedOut { .. })), "{id}: {r:?}");
+            locked.push(d.as_secs_f64() * 1e6);
+        } else if class == 0 {
             let id = format!("s{}", next_member / 4);
             next_member += 1;
             let t = Instant::now();
@@ -120,6 +148,11 @@ fn main() -> Result<(), Error> {
     println!("membership timing, {samples} calls per class, {enrolled} enrolled subjects");
     println!("  enrolled NoMatch  median {:9.1} µs", median(&member));
     println!("  unknown subject   median {:9.1} µs", median(&stranger));
+    println!("  locked-out subject median {:9.1} µs", median(&locked));
+    println!(
+        "  locked out vs unknown: max |t| = {:.2}",
+        max_t(&locked, &stranger)
+    );
     println!(
         "  NoMatch vs unknown: max |t| = {:.2}",
         max_t(&member, &stranger)

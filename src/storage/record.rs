@@ -263,12 +263,6 @@ fn codec() -> impl Options + Copy {
 }
 
 impl SubjectPayload {
-    /// About the encoded size of a payload with `templates` templates of
-    /// `dim` dimensions and one purpose (for stand-ins of the same size).
-    pub(crate) fn encoded_len(dim: usize, templates: usize) -> usize {
-        templates * (dim * 2 + 8) + 96
-    }
-
     /// Encode into a buffer sized up front (no reallocation leaves an
     /// unwiped copy behind) and wiped on drop.
     pub(crate) fn encode(&self) -> Result<Zeroizing<Vec<u8>>> {

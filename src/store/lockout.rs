@@ -42,8 +42,9 @@ impl Store {
     }
 
     /// What a refused verify of an enrolled subject (locked out, disabled,
-    /// purpose not consented) costs: the comparison, its result thrown
-    /// away, and a rotation of the bucket, as a `NoMatch` would.
+    /// purpose not consented) costs beyond the load it already made: the
+    /// comparison, its result thrown away, the re-seal a `NoMatch` makes,
+    /// and a rotation of the bucket, as a `NoMatch` would.
     pub(super) fn refusal_cost(
         &self,
         b: u32,
@@ -56,17 +57,17 @@ impl Store {
             probe,
             self.fixed_threshold(),
         ));
-        let mut sealed =
-            std::hint::black_box(AeadKey::new(&l.dek).seal(b"bioseal/decoy", &self.decoy_payload)?);
-        sealed.zeroize();
+        reseal_cost(&AeadKey::new(&l.dek), &l.payload, &l.state)?;
         self.rotate_many(&[(b, Vec::new())], &[guard], true)
     }
 
     /// What a verify of an unknown subject costs: as much as an enrolled
-    /// subject's `NoMatch` (a DEK unwrap and payload open, stand-ins of the
-    /// same size; the comparison against a stand-in template; a re-seal;
-    /// and a rotation of the bucket the pseudonym falls in), without
-    /// creating any storage for the unknown id.
+    /// subject's `NoMatch`. The reads a record load makes (a record-sized
+    /// value, the key table and its entry, the retention pointer); a DEK
+    /// unwrap; the decoding and opening of a one-template stand-in subject
+    /// sealed under a key that exists only in memory; the comparison
+    /// against it; the re-seal; and a rotation of the bucket the pseudonym
+    /// falls in. No storage is created for the unknown id.
     pub(super) fn decoy(
         &self,
         p: &Pseudonym,
@@ -74,28 +75,81 @@ impl Store {
         probe: &Template,
         guard: &BucketGuard<'_>,
     ) -> Result<()> {
-        // The reads a record load and its re-seal make: the key table and
-        // its entry, the retention pointer.
+        let d = &self.decoy;
+        let _ = std::hint::black_box(self.db.records.get(storage::DECOY_KEY)?);
         if let Some(t) = self.db.keys.get(storage::key_table_key(b))? {
             let _ = std::hint::black_box(DekTable::find(&t, p));
         }
         let _ = std::hint::black_box(self.db.records.get(storage::deadline_ptr_key(b, p))?);
-        let dek = random::<32>()?;
-        let key = AeadKey::new(&dek);
-        let wrapped = key.seal(b"bioseal/decoy-dek", dek.as_ref())?;
-        let _ = std::hint::black_box(key.open(b"bioseal/decoy-dek", &wrapped));
-        let sealed = key.seal(b"bioseal/decoy", &self.decoy_payload)?;
-        let _ = std::hint::black_box(key.open(b"bioseal/decoy", &sealed));
-        let state = key.seal(b"bioseal/decoy-state", &[0u8; 20])?;
-        let _ = std::hint::black_box(key.open(b"bioseal/decoy-state", &state));
+        let _ = std::hint::black_box(d.key.open(b"bioseal/decoy-dek", &d.wrapped));
+        let rec = SubjectRecord::decode(&d.record)?;
+        let plain = d
+            .key
+            .open(b"bioseal/decoy", &rec.payload)
+            .map_err(|_| Error::tampered("decoy"))?;
+        let payload = SubjectPayload::decode(&plain, self.dim)?;
+        let state = d
+            .key
+            .open(b"bioseal/decoy-state", &rec.state)
+            .map_err(|_| Error::tampered("decoy"))?;
+        let state = SubjectState::decode(&state)?;
         let _ = std::hint::black_box(matcher::decide(
-            std::slice::from_ref(&self.decoy_template),
+            &payload.templates,
             probe,
             self.fixed_threshold(),
         ));
-        let mut resealed = key.seal(b"bioseal/decoy", &self.decoy_payload)?;
-        resealed.zeroize();
-        let _ = std::hint::black_box(key.seal(b"bioseal/decoy-state", &[0u8; 20])?);
+        reseal_cost(&d.key, &payload, &state)?;
         self.rotate_many(&[(b, Vec::new())], &[guard], true)
+    }
+}
+
+/// The sealing a re-key makes (payload and state encoded and sealed),
+/// thrown away.
+fn reseal_cost(key: &AeadKey, payload: &SubjectPayload, state: &SubjectState) -> Result<()> {
+    let mut p = key.seal(b"bioseal/decoy", &payload.encode()?)?;
+    let mut s = key.seal(b"bioseal/decoy-state", &state.encode()?)?;
+    std::hint::black_box((&p, &s));
+    p.zeroize();
+    s.zeroize();
+    Ok(())
+}
+
+/// Stand-ins for the work of a refused or unknown-subject verify: a
+/// one-template subject record and a wrapped key, sealed under a key made
+/// at open that exists only in memory.
+pub(super) struct Decoy {
+    key: AeadKey,
+    wrapped: Vec<u8>,
+    /// An encoded subject record.
+    pub(super) record: Vec<u8>,
+}
+
+impl Decoy {
+    pub(super) fn new(dim: usize) -> Result<Decoy> {
+        let key = AeadKey::new(&*random::<32>()?);
+        let template = Embedding::new((0..dim).map(|i| if i == 0 { 1.0 } else { 0.0 }).collect())
+            .quantize(dim)?;
+        let payload = SubjectPayload {
+            consent: Consent::new([Purpose::IDENTITY_VERIFICATION])
+                .expires_at(Timestamp::from_unix_secs(1))
+                .evidence([0; 32]),
+            templates: vec![template],
+        };
+        let state = SubjectState {
+            failures: 0,
+            last_failure: 0,
+            last_interaction: 0,
+        };
+        let record = SubjectRecord {
+            payload: key.seal(b"bioseal/decoy", &payload.encode()?)?,
+            state: key.seal(b"bioseal/decoy-state", &state.encode()?)?,
+        }
+        .encode();
+        let wrapped = key.seal(b"bioseal/decoy-dek", random::<32>()?.as_ref())?;
+        Ok(Decoy {
+            key,
+            wrapped,
+            record,
+        })
     }
 }

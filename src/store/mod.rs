@@ -123,10 +123,8 @@ pub struct Store {
     /// comparison and counter update are one step, and no rotation of the
     /// bucket runs in between.
     locks: Vec<Mutex<()>>,
-    /// Stand-ins for the decoy work of an unknown subject's verify: a
-    /// payload the size of a one-template subject's, and a template.
-    decoy_payload: Vec<u8>,
-    decoy_template: Template,
+    /// Stand-ins for the work of a refused or unknown-subject verify.
+    decoy: lockout::Decoy,
     /// The data's high-water mark: raised at every rotation, written to
     /// the data before the flush and to the keyring after it.
     mark: Mutex<u64>,
@@ -350,11 +348,7 @@ impl Store {
             max_inactivity: config.max_inactivity,
             durability: config.durability,
             locks: (0..buckets).map(|_| Mutex::new(())).collect(),
-            decoy_payload: vec![0u8; SubjectPayload::encoded_len(dim, 1)],
-            decoy_template: Embedding::new(
-                (0..dim).map(|i| if i == 0 { 1.0 } else { 0.0 }).collect(),
-            )
-            .quantize(dim)?,
+            decoy: lockout::Decoy::new(dim)?,
         };
         if config.accept_clock_jump {
             let seen = store.seen.load(std::sync::atomic::Ordering::SeqCst);

@@ -205,7 +205,7 @@ impl Store {
             // a record-sized value: random bytes at one fixed key, never
             // anything about the caller's subject), so that the two cost
             // the same (SECURITY.md §11).
-            let mut stand_in = vec![0u8; self.decoy_payload.len() + 5 + 2 * 28 + 20];
+            let mut stand_in = vec![0u8; self.decoy.record.len()];
             crate::crypto::fill_random(&mut stand_in)?;
             w.insert(storage::DECOY_KEY, stand_in);
             w.apply_atomic(&self.db)?;
