@@ -1,0 +1,110 @@
+//! Store-wide commands: sweep, audit, stats.
+
+use super::*;
+
+/// `bioseal sweep [--dry-run]`.
+pub(crate) fn sweep(cli: &Cli, dry_run: &bool) -> R<u8> {
+    let (store, _) = open(cli)?;
+    let spinner = spinner("sweeping");
+    if *dry_run {
+        let n = store.due()?;
+        spinner.finish_and_clear();
+        println!("{n} subjects are due; nothing was destroyed (dry run)");
+    } else {
+        let r = store.sweep()?;
+        spinner.finish_and_clear();
+        println!(
+            "destroyed {} subjects ({} index entries examined, {} buckets rotated) in {:.3} s",
+            r.expired,
+            r.examined,
+            r.buckets_rotated,
+            r.took.as_secs_f64()
+        );
+    }
+    Ok(0)
+}
+
+/// `bioseal audit verify|export`.
+pub(crate) fn audit(cli: &Cli, action: &AuditCmd) -> R<u8> {
+    let (store, _) = open(cli)?;
+    match action {
+        AuditCmd::Verify => {
+            let head = store.audit().verify_chain()?;
+            println!(
+                "audit chain intact: {} entries, head {}",
+                head.entries,
+                hex(&head.last_mac)
+            );
+        }
+        AuditCmd::Export { out } => {
+            let n = match out {
+                Some(path) => {
+                    let mut o = std::fs::OpenOptions::new();
+                    o.write(true).create(true).truncate(true);
+                    std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+                    let f = o
+                        .open(path)
+                        .map_err(|e| input(format!("{}: {e}", path.display())))?;
+                    // An existing file keeps its mode on open: set it.
+                    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+                        .map_err(|e| input(format!("{}: {e}", path.display())))?;
+                    store.audit().export(std::io::BufWriter::new(f))?
+                }
+                None => match store.audit().export(std::io::stdout().lock()) {
+                    Ok(n) => n,
+                    // `bioseal audit export | head`: the reader is
+                    // gone; stop quietly.
+                    Err(Error::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                        return Ok(0)
+                    }
+                    Err(e) => return Err(e.into()),
+                },
+            };
+            eprintln!("exported {n} entries");
+        }
+    }
+    Ok(0)
+}
+
+/// `bioseal stats`.
+pub(crate) fn stats(cli: &Cli) -> R<u8> {
+    let (store, settings) = open(cli)?;
+    let s = store.stats()?;
+    println!("subjects          {}", s.subjects);
+    println!("buckets           {}", s.buckets);
+    println!("pending shreds    {}", s.pending_shreds);
+    println!(
+        "key generations   {}..={}",
+        s.generation_min, s.generation_max
+    );
+    println!(
+        "model             {} ({} dimensions)",
+        settings.model, settings.dim
+    );
+    println!(
+        "threshold         {} (cosine, from the keyring)",
+        store.threshold().as_cosine()
+    );
+    if let Some(fmr) = settings.target_fmr {
+        println!("target FMR        {fmr:e}");
+    }
+    if let Some(src) = &settings.calibration_source {
+        println!("calibrated from   {src}");
+    }
+    println!("disk use          {} bytes", disk_use(store.dir()));
+    Ok(0)
+}
+
+pub(crate) fn disk_use(dir: &Path) -> u64 {
+    let mut total = 0;
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => total += disk_use(&e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}

@@ -1,0 +1,110 @@
+//! Opening the store: the store and key directories, the root key, and
+//! the settings file (`bioseal.json`, a mirror of the keyring's settings).
+
+use super::*;
+
+pub(crate) const SETTINGS_FILE: &str = "bioseal.json";
+
+/// Non-secret settings kept next to the data (`<store>/bioseal.json`).
+#[derive(Serialize, Deserialize)]
+pub(crate) struct Settings {
+    pub(crate) model: String,
+    pub(crate) dim: usize,
+    pub(crate) threshold: f32,
+    pub(crate) buckets: u32,
+    /// Target false-match rate the threshold was calibrated for, if any.
+    pub(crate) target_fmr: Option<f64>,
+    /// The evaluation set it was calibrated on: path and SHA-256.
+    pub(crate) calibration_source: Option<String>,
+}
+
+pub(crate) fn store_dir(cli: &Cli) -> R<&Path> {
+    cli.store
+        .as_deref()
+        .ok_or_else(|| input("no store: pass --store DIR or set BIOSEAL_STORE"))
+}
+
+pub(crate) fn key_path(cli: &Cli) -> R<&Path> {
+    cli.root_key
+        .as_deref()
+        .ok_or_else(|| input("no root key: pass --root-key FILE or set BIOSEAL_ROOT_KEY_FILE"))
+}
+
+/// The key directory: `--keys`, or the directory of the root key file.
+/// Neither the key directory nor the root key file may be inside the store.
+pub(crate) fn key_dir(cli: &Cli) -> R<PathBuf> {
+    let key = key_path(cli)?;
+    let dir = match &cli.keys {
+        Some(d) => d.clone(),
+        None => match key.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        },
+    };
+    let store = store_dir(cli)?;
+    let inside = |p: &Path| {
+        let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        let (p, s) = (abs(p), abs(store));
+        p.canonicalize()
+            .unwrap_or(p)
+            .starts_with(s.canonicalize().unwrap_or(s))
+    };
+    if inside(key) {
+        return Err(input(format!(
+            "the root key {} is inside the store directory {}: keep it elsewhere (every copy of the store would carry it)",
+            key.display(),
+            store.display()
+        )));
+    }
+    if inside(&dir) {
+        return Err(input(format!(
+            "the key directory {} is inside the store directory {}: pass --keys DIR outside it",
+            dir.display(),
+            store.display()
+        )));
+    }
+    Ok(dir)
+}
+
+pub(crate) fn read_settings(dir: &Path) -> R<Settings> {
+    let path = dir.join(SETTINGS_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        input(format!(
+            "cannot read {}: {e} (is this a store?)",
+            path.display()
+        ))
+    })?;
+    serde_json::from_str(&text).map_err(|e| input(format!("malformed {}: {e}", path.display())))
+}
+
+pub(crate) fn write_settings(dir: &Path, s: &Settings) -> R<()> {
+    let text = serde_json::to_string_pretty(s).map_err(|e| Fail(9, e.to_string()))?;
+    let path = dir.join(SETTINGS_FILE);
+    std::fs::write(&path, text + "\n").map_err(|e| Fail(9, e.to_string()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| Fail(9, e.to_string()))
+}
+
+pub(crate) fn open(cli: &Cli) -> R<(Store, Settings)> {
+    let settings = read_settings(store_dir(cli)?)?;
+    open_with(cli, settings)
+}
+
+/// Open the store with settings already read (so that input can be checked
+/// against them first: bad input never opens the store).
+pub(crate) fn open_with(cli: &Cli, settings: Settings) -> R<(Store, Settings)> {
+    let dir = store_dir(cli)?;
+    let keys = key_dir(cli)?;
+    let key = RootKey::from_file(key_path(cli)?)?;
+    // The threshold is the keyring's (authenticated); bioseal.json only
+    // mirrors it, so editing that file changes nothing.
+    let store = Store::open(
+        StoreConfig::new(dir, key)
+            .key_dir(keys)
+            .model(&settings.model, settings.dim)
+            .buckets(settings.buckets)
+            .accept_rollback(cli.accept_rollback)
+            .accept_clock_jump(cli.accept_clock_jump),
+    )?;
+    Ok((store, settings))
+}
