@@ -58,7 +58,7 @@ impl Store {
             self.fixed_threshold(),
         ));
         reseal_cost(&AeadKey::new(&l.dek), &l.payload, &l.state)?;
-        self.rotate_many(&[(b, Vec::new())], &[guard], true)
+        self.rotate_many(&[(b, Vec::new())], &[guard], true, None)
     }
 
     /// What a verify of an unknown subject costs: as much as an enrolled
@@ -99,7 +99,7 @@ impl Store {
             self.fixed_threshold(),
         ));
         reseal_cost(&d.key, &payload, &state)?;
-        self.rotate_many(&[(b, Vec::new())], &[guard], true)
+        self.rotate_many(&[(b, Vec::new())], &[guard], true, None)
     }
 }
 

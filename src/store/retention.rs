@@ -111,7 +111,7 @@ impl Store {
         let mut rotated = 0;
         match self.shred_policy {
             ShredPolicy::Immediate if !removals.is_empty() => {
-                self.rotate_many(&removals, &guards.iter().collect::<Vec<_>>(), false)?;
+                self.rotate_many(&removals, &guards.iter().collect::<Vec<_>>(), false, None)?;
                 rotated = removals.len();
             }
             ShredPolicy::Immediate => {}

@@ -22,7 +22,7 @@ impl Store {
                 }
             }
             if !work.is_empty() {
-                self.rotate_many(&work, &guards.iter().collect::<Vec<_>>(), false)?;
+                self.rotate_many(&work, &guards.iter().collect::<Vec<_>>(), false, None)?;
                 n += work.len();
             }
         }
@@ -50,7 +50,7 @@ impl Store {
     ) -> Result<bool> {
         match self.shred_policy {
             ShredPolicy::Immediate => {
-                self.rotate_many(&[(b, ps.to_vec())], &[guard], false)?;
+                self.rotate_many(&[(b, ps.to_vec())], &[guard], false, None)?;
                 Ok(true)
             }
             ShredPolicy::Deferred => {
@@ -162,57 +162,76 @@ impl Store {
     /// Order: the keyring syncs the new slots before any sled write, so from
     /// then on a crash is completed on open ([`Store::recover`]); then the
     /// removals, each bucket's re-wrapped key table, and the pending markers.
+    ///
+    /// Strict rotations destroy nothing (a failure counted, a consent
+    /// change, a refused or unknown-subject verify; see
+    /// [`Store::open_table`]) and write in one sled transaction. With
+    /// `rekey`, that subject (as the `Loaded` holds it, in the one bucket of
+    /// `work`) is re-sealed under a fresh DEK in the same transaction (see
+    /// [`Store::rekey`]); without it, a strict rotation writes a
+    /// record-sized stand-in instead, so that both cost the same.
     pub(super) fn rotate_many(
         &self,
         work: &[(u32, Vec<Pseudonym>)],
         _guards: &[&BucketGuard<'_>],
         strict: bool,
+        rekey: Option<(&Pseudonym, Loaded)>,
     ) -> Result<()> {
         for (b, _) in work {
             if self.keyring.is_rotating(*b)? {
                 self.complete_rotation(*b)?;
             }
         }
+        let rekey = match rekey {
+            Some((p, l)) => Some((p, l, random::<32>()?)),
+            None => None,
+        };
         // Every table is opened before the keyring changes: a strict
         // rotation that finds a table it cannot open changes nothing.
         let mut opened = Vec::with_capacity(work.len());
         for (b, remove) in work {
-            opened.push(self.open_table(*b, remove, None, strict)?);
+            let replace = rekey.as_ref().map(|(p, _, dek)| (*p, &**dek));
+            opened.push(self.open_table(*b, remove, replace, strict)?);
         }
         let buckets: Vec<u32> = work.iter().map(|(b, _)| *b).collect();
         let gens = self.keyring.begin_rotations(&buckets)?;
         let mut w = Writes::default();
-        let mut tables = Vec::with_capacity(work.len());
         for (((b, remove), &gen), deks) in work.iter().zip(&gens).zip(&opened) {
             for p in remove {
                 self.remove_subject(&mut w, *b, p)?;
             }
-            let t = match deks {
-                Some(d) => Some(self.seal_table(*b, gen, d)?),
-                None => None,
-            };
-            tables.push((*b, t));
-        }
-        for (b, table) in tables {
-            if let Some(t) = table {
-                w.put_table(b, t);
+            if let Some(d) = deks {
+                w.put_table(*b, self.seal_table(*b, gen, d)?);
             }
-            w.remove(storage::pending_key(b).as_slice());
+            w.remove(storage::pending_key(*b).as_slice());
         }
-        if strict {
-            // A strict rotation is a refused or unknown-subject verify: it
-            // writes as a no-match's re-key does (one sled transaction with
-            // a record-sized value: random bytes at one fixed key, never
-            // anything about the caller's subject), so that the two cost
-            // the same (SECURITY.md §11).
+        let rekeyed = rekey.is_some();
+        if let (Some((p, l, dek)), Some(&b)) = (rekey, buckets.first()) {
+            let l = Loaded {
+                dek,
+                sealed_payload: Vec::new(),
+                ..l
+            };
+            self.put_subject(&mut w, p, b, &l, true)?;
+        } else if strict {
+            // A refused or unknown-subject verify writes as a no-match's
+            // re-key does: random bytes the size of a record at one fixed
+            // key, never anything about the caller's subject (SECURITY.md
+            // §11).
             let mut stand_in = vec![0u8; self.decoy.record.len()];
             crate::crypto::fill_random(&mut stand_in)?;
             w.insert(storage::DECOY_KEY, stand_in);
+        }
+        if strict {
             w.apply_atomic(&self.db)?;
         } else {
             w.apply(&self.db)?;
         }
-        failpoint::hit("rotation:batch-applied");
+        failpoint::hit(if rekeyed {
+            "rekey:applied"
+        } else {
+            "rotation:batch-applied"
+        });
         let now = self.now();
         for (&b, &gen) in buckets.iter().zip(&gens) {
             self.log(
@@ -223,7 +242,11 @@ impl Store {
             )?;
         }
         let anchor = self.advance_mark()?;
-        failpoint::hit("rotation:batch-flushed");
+        failpoint::hit(if rekeyed {
+            "rekey:flushed"
+        } else {
+            "rotation:batch-flushed"
+        });
         self.keyring.finish_rotations(&buckets, Some(anchor))
     }
 
@@ -262,42 +285,9 @@ impl Store {
         p: &Pseudonym,
         b: u32,
         l: Loaded,
-        _guard: &BucketGuard<'_>,
+        guard: &BucketGuard<'_>,
     ) -> Result<()> {
-        if self.keyring.is_rotating(b)? {
-            self.complete_rotation(b)?;
-        }
-        let dek = random::<32>()?;
-        let deks = self
-            .open_table(b, &[], Some((p, &dek)), true)?
-            .ok_or(Error::tampered("bucket key table"))?;
-        let gen = self
-            .keyring
-            .begin_rotations(&[b])?
-            .first()
-            .copied()
-            .ok_or(Error::tampered("keyring rotation state"))?;
-        let table = self.seal_table(b, gen, &deks)?;
-        let l = Loaded {
-            dek,
-            sealed_payload: Vec::new(),
-            ..l
-        };
-        let mut w = Writes::default();
-        self.put_subject(&mut w, p, b, &l, true)?;
-        w.put_table(b, table);
-        w.remove(storage::pending_key(b).as_slice());
-        w.apply_atomic(&self.db)?;
-        failpoint::hit("rekey:applied");
-        self.log(
-            self.now(),
-            AuditEntry::new(AuditEvent::KeyRotation)
-                .rotation(b, gen)
-                .outcome(AuditOutcome::Ok),
-        )?;
-        let anchor = self.advance_mark()?;
-        failpoint::hit("rekey:flushed");
-        self.keyring.finish_rotations(&[b], Some(anchor))
+        self.rotate_many(&[(b, Vec::new())], &[guard], true, Some((p, l)))
     }
 
     /// Bucket `b`'s key table re-wrapped under `new_gen` (see
