@@ -193,7 +193,9 @@ impl Store {
             )
         })?;
         check_key_dir(&dir, &key_dir)?;
-        storage::restrict_tree(&dir)?;
+        // Private before sled creates anything in it; the files inside are
+        // made private once sled has opened them (below).
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
         if dir.join(LEGACY_KEYRING_FILE).exists() {
             return Err(Error::LegacyLayout(format!(
                 "{} holds its keyring inside the data directory, where every copy of the data \
