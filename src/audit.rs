@@ -234,13 +234,7 @@ fn codec() -> impl Options + Copy {
 }
 
 fn mac(key: &hmac::Key, prev: &[u8; 32], body: &[u8]) -> [u8; 32] {
-    let mut ctx = hmac::Context::with_key(key);
-    ctx.update(b"bioseal/v1/audit");
-    ctx.update(prev);
-    ctx.update(body);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(ctx.sign().as_ref());
-    out
+    crate::crypto::hmac256(key, &[b"bioseal/v1/audit", prev, body])
 }
 
 /// Open entry `seq` under its segment's key.

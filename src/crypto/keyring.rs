@@ -49,7 +49,7 @@
 use super::aead::{AeadKey, NONCE_LEN, OVERHEAD, TAG_LEN};
 use super::keys::RootKey;
 use super::pseudonym::PseudonymKey;
-use super::{hkdf32, random};
+use super::{hkdf32, hmac256, random};
 use crate::error::{Error, Result};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -189,12 +189,10 @@ fn derive(root: &RootKey, store_id: &[u8; 16]) -> Derived {
     let kcv_key = hkdf32(store_id, root.expose(), b"bioseal/v1/key-check");
     let state_key = hkdf32(store_id, root.expose(), b"bioseal/v2/keyring-state");
     let mark_key = hkdf32(store_id, root.expose(), b"bioseal/v2/data-mark");
-    let tag = ring::hmac::sign(
+    let kcv = hmac256(
         &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, kcv_key.as_ref()),
-        &[b"bioseal/v1/key-check".as_slice(), store_id].concat(),
+        &[b"bioseal/v1/key-check", store_id],
     );
-    let mut kcv = [0u8; 32];
-    kcv.copy_from_slice(tag.as_ref());
     Derived {
         seal: AeadKey::new(&seal),
         slot_root: hkdf32(store_id, seal.as_ref(), b"bioseal/v2/kek-slots"),
@@ -216,13 +214,7 @@ fn slot_key(slot_root: &[u8; 32], b: u32, slot: usize, gen: u64) -> AeadKey {
 }
 
 fn state_mac(key: &ring::hmac::Key, store_id: &[u8; 16], body: &[u8]) -> [u8; 32] {
-    let mut ctx = ring::hmac::Context::with_key(key);
-    ctx.update(b"bioseal/v2/keyring-state");
-    ctx.update(store_id);
-    ctx.update(body);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(ctx.sign().as_ref());
-    out
+    hmac256(key, &[b"bioseal/v2/keyring-state", store_id, body])
 }
 
 fn encode_state(key: &ring::hmac::Key, store_id: &[u8; 16], st: &KeyringState) -> [u8; STATE_LEN] {
@@ -631,13 +623,14 @@ impl Keyring {
 
     /// The MAC of the data's copy of high-water mark `mark`.
     pub(crate) fn mark_mac(&self, mark: u64) -> [u8; 32] {
-        let mut ctx = ring::hmac::Context::with_key(&self.mark_key);
-        ctx.update(b"bioseal/v2/data-mark");
-        ctx.update(&self.header.store_id);
-        ctx.update(&mark.to_be_bytes());
-        let mut out = [0u8; 32];
-        out.copy_from_slice(ctx.sign().as_ref());
-        out
+        hmac256(
+            &self.mark_key,
+            &[
+                b"bioseal/v2/data-mark",
+                &self.header.store_id,
+                &mark.to_be_bytes(),
+            ],
+        )
     }
 
     /// Lowest and highest live generation over all buckets.

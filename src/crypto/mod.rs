@@ -36,6 +36,17 @@ pub(crate) fn random<const N: usize>() -> Result<Zeroizing<[u8; N]>> {
     Ok(out)
 }
 
+/// HMAC-SHA-256 under `key` of the concatenation of `parts`.
+pub(crate) fn hmac256(key: &ring::hmac::Key, parts: &[&[u8]]) -> [u8; 32] {
+    let mut ctx = ring::hmac::Context::with_key(key);
+    for p in parts {
+        ctx.update(p);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.sign().as_ref());
+    out
+}
+
 /// HKDF-SHA-256: extract with `salt`, expand with `info` to 32 bytes.
 pub(crate) fn hkdf32(salt: &[u8], ikm: &[u8], info: &[u8]) -> Zeroizing<[u8; 32]> {
     struct Len32;
