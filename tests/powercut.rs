@@ -171,7 +171,19 @@ fn expect(done: usize, advances: usize) -> Expect {
         either: None,
         fail_in_flight: None,
     };
-    let expired = |i: u64, at: u64, now: u64| now >= at + consent_days(i) * 86_400;
+    // Move every live subject past its consent at `now` to the gone ones.
+    let retire = |e: &mut Expect, enrolled_at: &std::collections::BTreeMap<u64, u64>, now: u64| {
+        let due: Vec<u64> = e
+            .live
+            .keys()
+            .copied()
+            .filter(|i| now >= enrolled_at[i] + consent_days(*i) * 86_400)
+            .collect();
+        for i in due {
+            e.live.remove(&i);
+            e.gone.insert(i);
+        }
+    };
     for op in &ops[..done] {
         match *op {
             Op::Enroll(i) => {
@@ -190,16 +202,7 @@ fn expect(done: usize, advances: usize) -> Expect {
             }
             Op::Sweep => {
                 now += 86_400;
-                let due: Vec<u64> = e
-                    .live
-                    .keys()
-                    .copied()
-                    .filter(|i| expired(*i, enrolled_at[i], now))
-                    .collect();
-                for i in due {
-                    e.live.remove(&i);
-                    e.gone.insert(i);
-                }
+                retire(&mut e, &enrolled_at, now);
             }
         }
     }
@@ -211,16 +214,7 @@ fn expect(done: usize, advances: usize) -> Expect {
     e.now = now;
     // Subjects past their consent but not yet swept are destroyed when
     // touched: gone too (as ConsentExpired or NotEnrolled).
-    let overdue: Vec<u64> = e
-        .live
-        .keys()
-        .copied()
-        .filter(|i| expired(*i, enrolled_at[i], now))
-        .collect();
-    for i in overdue {
-        e.live.remove(&i);
-        e.gone.insert(i);
-    }
+    retire(&mut e, &enrolled_at, now);
     match in_flight {
         Some(Op::Enroll(i)) | Some(Op::Revoke(i)) => e.either = Some(i),
         Some(Op::Fail(i)) => e.fail_in_flight = Some(i),
