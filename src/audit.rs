@@ -33,6 +33,7 @@ use crate::crypto::aead::AeadKey;
 use crate::crypto::hkdf32;
 use crate::crypto::pseudonym::Pseudonym;
 use crate::error::{Error, Result};
+use crate::storage::{Backend, Table, Writes};
 use bincode::Options;
 use ring::hmac;
 use serde::{Deserialize, Serialize};
@@ -188,7 +189,7 @@ pub struct AuditLog {
 }
 
 pub(crate) struct Inner {
-    tree: sled::Tree,
+    db: Arc<dyn Backend>,
     key: hmac::Key,
     /// HKDF input of the per-segment sealing keys: each segment (one sled
     /// value, at most 256 entries) is sealed under its own key, derived
@@ -311,7 +312,9 @@ impl Inner {
             }
             // One insert per segment: no sled batch, whose write lock would
             // stall every concurrent read.
-            self.tree.insert(segment[0].seq.to_be_bytes(), value)?;
+            let mut w = Writes::default();
+            w.put(Table::Audit, segment[0].seq.to_be_bytes(), Some(value));
+            self.db.apply(w, false)?;
         }
         Ok(())
     }
@@ -335,10 +338,8 @@ impl AuditLog {
         };
         let Some((k, v)) = self
             .inner
-            .tree
-            .range(..=last.to_be_bytes())
-            .next_back()
-            .transpose()?
+            .db
+            .last(Table::Audit, Some(&last.to_be_bytes()))?
         else {
             return Ok(false);
         };
@@ -353,12 +354,12 @@ impl AuditLog {
             .is_some_and(|(_, m)| bool::from(m.ct_eq(&anchor.last_mac))))
     }
 
-    pub(crate) fn open(tree: sled::Tree, audit_key: &[u8; 32]) -> Result<Self> {
-        let (next_seq, last) = match tree.last()? {
+    pub(crate) fn open(db: Arc<dyn Backend>, audit_key: &[u8; 32]) -> Result<Self> {
+        let (next_seq, last) = match db.last(Table::Audit, None)? {
             None => (0, [0u8; 32]),
             Some((k, v)) => {
                 let first: [u8; 8] = k
-                    .as_ref()
+                    .as_slice()
                     .try_into()
                     .map_err(|_| Error::AuditChainBroken { seq: 0 })?;
                 // A damaged last segment is reported by verify_chain;
@@ -379,7 +380,7 @@ impl AuditLog {
         let seal_key = hkdf32(b"bioseal", audit_key, b"bioseal/v1/audit-seal");
         Ok(AuditLog {
             inner: Arc::new(Inner {
-                tree,
+                db,
                 key: hmac::Key::new(hmac::HMAC_SHA256, mac_key.as_ref()),
                 seal_root: seal_key,
                 queue: Mutex::new(Queue {
@@ -422,13 +423,12 @@ impl AuditLog {
         self.inner.drain()?;
         let mut prev = [0u8; 32];
         let mut expected = 0u64;
-        for kv in self.inner.tree.iter() {
-            let (k, v) = kv?;
+        self.inner.db.scan(Table::Audit, &[], None, &mut |k, v| {
             let broken = Error::AuditChainBroken { seq: expected };
-            if k.as_ref() != expected.to_be_bytes() {
+            if k != expected.to_be_bytes() {
                 return Err(broken);
             }
-            let (entries, well_formed) = entries_of(&v);
+            let (entries, well_formed) = entries_of(v);
             let key = segment_key(&self.inner.seal_root, expected);
             for (sealed, m) in entries {
                 if check_mac && !bool::from(mac(&self.inner.key, &prev, sealed).ct_eq(m)) {
@@ -445,7 +445,8 @@ impl AuditLog {
             if !well_formed {
                 return Err(Error::AuditChainBroken { seq: expected });
             }
-        }
+            Ok(true)
+        })?;
         Ok(AuditHead {
             entries: expected,
             last_mac: prev,

@@ -172,9 +172,16 @@ pub enum Error {
     /// An I/O error on the keyring or a key file.
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
-    /// An error from the embedded database.
+    /// An error from the storage backend (sled, or PostgreSQL: the message
+    /// names the host and port, never a password).
     #[error("storage error: {0}")]
-    Storage(#[from] sled::Error),
+    Storage(String),
+}
+
+impl From<sled::Error> for Error {
+    fn from(e: sled::Error) -> Self {
+        Error::Storage(e.to_string())
+    }
 }
 
 impl Error {

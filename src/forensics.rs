@@ -12,7 +12,8 @@ use crate::crypto::aead::AeadKey;
 use crate::crypto::pseudonym::Pseudonym;
 use crate::error::{Error, Result};
 use crate::storage::record::{dek_aad, payload_aad};
-use crate::storage::{self, Db, DekTable, SubjectRecord};
+use crate::storage::sled::SledBackend;
+use crate::storage::{self, Backend, DekTable, SubjectRecord, Table};
 use std::path::Path;
 
 /// One ciphertext with the associated data it was sealed with.
@@ -54,17 +55,25 @@ pub struct RawSubjectRecord {
 /// open, and sled may update its own bookkeeping files, so point this at a
 /// copy when the bytes must stay as they are.
 pub fn subject_records(dir: impl AsRef<Path>) -> Result<Vec<RawSubjectRecord>> {
-    let db = Db::open(&dir.as_ref().join("db"), 64 << 20)?;
-    let store_id = db.store_id()?.ok_or(Error::tampered("store id record"))?;
+    let db = SledBackend::open(dir.as_ref(), 64 << 20)?;
+    subject_records_in(&db)
+}
+
+/// Every subject record of a backend's data, with its wrapped DEK.
+pub(crate) fn subject_records_in(db: &dyn Backend) -> Result<Vec<RawSubjectRecord>> {
+    let store_id = storage::store_id(db)?.ok_or(Error::tampered("store id record"))?;
+    let mut recs = Vec::new();
+    storage::scan_prefix(db, Table::Records, b"S", &mut |k, v| {
+        recs.push((k.to_vec(), v.to_vec()));
+        Ok(true)
+    })?;
     let mut out = Vec::new();
-    for kv in db.records.scan_prefix([b'S']) {
-        let (k, v) = kv?;
+    for (k, v) in recs {
         let (bucket, p): (u32, Pseudonym) =
             storage::parse_subject_key(&k).ok_or(Error::tampered("record key"))?;
         let rec = SubjectRecord::decode(&v)?;
         let table = db
-            .keys
-            .get(storage::key_table_key(bucket))?
+            .get(Table::Keys, &storage::key_table_key(bucket))?
             .ok_or(Error::tampered("bucket key table (missing)"))?;
         let (generation, wrapped) = DekTable::find(&table, &p)?
             .ok_or(Error::tampered("bucket key table (no entry for a record)"))?;

@@ -207,33 +207,29 @@ pub mod __timing {
 #[cfg(feature = "failpoints")]
 #[doc(hidden)]
 pub mod __test {
-    use crate::error::Result;
+    use crate::error::{Error, Result};
+    use crate::storage::{Table, Writes};
     use crate::Store;
 
-    /// The sled tree `tree` ("records", "keys", "meta", "audit").
-    fn tree(store: &Store, tree: &str) -> Result<sled::Tree> {
-        Ok(store.raw_db().open_tree(tree)?)
+    fn table(t: &str) -> Result<Table> {
+        Table::named(t).ok_or_else(|| Error::Config(format!("no table {t}")))
     }
 
-    /// Every key and value of a tree.
+    /// Every key and value of a table ("records", "keys", "meta", "audit").
     pub fn entries(store: &Store, t: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        tree(store, t)?
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv?;
-                Ok((k.to_vec(), v.to_vec()))
-            })
-            .collect()
+        let mut out = Vec::new();
+        store.raw_db().scan(table(t)?, &[], None, &mut |k, v| {
+            out.push((k.to_vec(), v.to_vec()));
+            Ok(true)
+        })?;
+        Ok(out)
     }
 
     /// Write a raw value (`None` removes the key), and flush.
     pub fn put(store: &Store, t: &str, key: &[u8], value: Option<&[u8]>) -> Result<()> {
-        let tr = tree(store, t)?;
-        match value {
-            Some(v) => tr.insert(key, v)?,
-            None => tr.remove(key)?,
-        };
-        store.raw_db().flush()?;
-        Ok(())
+        let mut w = Writes::default();
+        w.put(table(t)?, key, value.map(<[u8]>::to_vec));
+        store.raw_db().apply(w, false)?;
+        store.raw_db().flush()
     }
 }

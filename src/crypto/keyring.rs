@@ -55,6 +55,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
@@ -153,7 +154,8 @@ impl Anchor {
 
 /// The opened keyring: keys in memory, file kept open for in-place writes.
 pub(crate) struct Keyring {
-    file: File,
+    /// Where the image lives.
+    file: Arc<dyn Medium>,
     header: Header,
     /// HKDF input of the per-slot keys.
     slot_root: Zeroizing<[u8; 32]>,
@@ -297,6 +299,89 @@ fn lock_write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Where a keyring image lives: a file in the key directory (embedded
+/// mode) or rows in the shared database (shared mode). Positioned writes
+/// of whole 128-byte units, made durable by `sync`: the layout above is the
+/// same in both.
+pub(crate) trait Medium: Send + Sync {
+    /// The whole image.
+    fn read_all(&self) -> Result<Vec<u8>>;
+    /// `len` bytes at `off`.
+    fn read_at(&self, off: u64, len: usize) -> Result<Vec<u8>>;
+    /// Overwrite the bytes at `off` (in place; durable at the next `sync`).
+    fn write_at(&self, off: u64, bytes: &[u8]) -> Result<()>;
+    /// Make every write so far durable.
+    fn sync(&self) -> Result<()>;
+    /// Exclusive access to the state copies across processes (`None`: one
+    /// process owns the keyring).
+    fn lock_state(&self) -> Result<Option<crate::storage::RemoteLock>>;
+    /// Whether other processes change this keyring (cached keys and state
+    /// must then be re-read under the locks).
+    fn shared(&self) -> bool;
+}
+
+/// The keyring file: written whole and renamed into place once, then only
+/// overwritten in place.
+pub(crate) struct FileMedium(File);
+
+impl FileMedium {
+    /// Write a new keyring file at `path` (which must not exist).
+    pub(crate) fn create(path: &Path, image: &[u8]) -> Result<FileMedium> {
+        if path.exists() {
+            return Err(Error::Config(format!(
+                "{} already exists: a key directory holds the keyring of one store",
+                path.display()
+            )));
+        }
+        let tmp = path.with_extension("tmp");
+        let _ = std::fs::remove_file(&tmp);
+        let mut opts = OpenOptions::new();
+        opts.write(true).create_new(true);
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        let mut f = opts.open(&tmp)?;
+        f.write_all(image)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)?;
+        if let Some(parent) = path.parent() {
+            File::open(parent)?.sync_all()?;
+        }
+        FileMedium::open(path)
+    }
+
+    /// Open an existing keyring file.
+    pub(crate) fn open(path: &Path) -> Result<FileMedium> {
+        Ok(FileMedium(
+            OpenOptions::new().read(true).write(true).open(path)?,
+        ))
+    }
+}
+
+impl Medium for FileMedium {
+    fn read_all(&self) -> Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        (&self.0).read_to_end(&mut buf)?;
+        Ok(buf)
+    }
+    fn read_at(&self, off: u64, len: usize) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        self.0.read_exact_at(&mut buf, off)?;
+        Ok(buf)
+    }
+    fn write_at(&self, off: u64, bytes: &[u8]) -> Result<()> {
+        Ok(self.0.write_all_at(bytes, off)?)
+    }
+    fn sync(&self) -> Result<()> {
+        Ok(self.0.sync_data()?)
+    }
+    fn lock_state(&self) -> Result<Option<crate::storage::RemoteLock>> {
+        Ok(None)
+    }
+    fn shared(&self) -> bool {
+        false
+    }
+}
+
 impl Keyring {
     /// Create a new keyring file at `path` (which must not exist).
     pub(crate) fn create(
@@ -308,6 +393,25 @@ impl Keyring {
         now: u64,
         threshold: f32,
     ) -> Result<Keyring> {
+        let image = Keyring::image(root, buckets, model_id, dim, now, threshold)?;
+        Keyring::load(Arc::new(FileMedium::create(path, &image)?), root)
+    }
+
+    /// Open the keyring file at `path`. A wrong root key is detected before
+    /// any slot is read, and nothing is written.
+    pub(crate) fn open(path: &Path, root: &RootKey) -> Result<Keyring> {
+        Keyring::load(Arc::new(FileMedium::open(path)?), root)
+    }
+
+    /// A new keyring image: fresh store id, secrets and one KEK per bucket.
+    pub(crate) fn image(
+        root: &RootKey,
+        buckets: u32,
+        model_id: &str,
+        dim: u32,
+        now: u64,
+        threshold: f32,
+    ) -> Result<Vec<u8>> {
         if model_id.is_empty() || model_id.len() > MAX_MODEL_ID {
             return Err(Error::Config(format!(
                 "model id must be 1-{MAX_MODEL_ID} bytes"
@@ -348,7 +452,6 @@ impl Keyring {
             &state,
         ));
 
-        let mut bucket_keys = Vec::with_capacity(buckets as usize);
         for b in 0..buckets {
             let kek = random::<32>()?;
             let off = slot_offset(b, 0) as usize;
@@ -360,59 +463,14 @@ impl Keyring {
                 1,
                 &kek,
             )?);
-            let mut keys = BucketKeys::default();
-            keys.slots[0] = Some((1, AeadKey::new(&kek)));
-            bucket_keys.push(RwLock::new(keys));
         }
-
-        // A new file is written whole and renamed into place once (never
-        // over an existing keyring); after that it is only ever overwritten
-        // in place.
-        if path.exists() {
-            return Err(Error::Config(format!(
-                "{} already exists: a key directory holds the keyring of one store",
-                path.display()
-            )));
-        }
-        let tmp = path.with_extension("tmp");
-        let _ = std::fs::remove_file(&tmp);
-        let mut opts = OpenOptions::new();
-        opts.write(true).create_new(true);
-        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-        let mut f = opts.open(&tmp)?;
-        f.write_all(&buf)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)?;
-        if let Some(parent) = path.parent() {
-            File::open(parent)?.sync_all()?;
-        }
-        let file = OpenOptions::new().read(true).write(true).open(path)?;
-        let (pk, ak) = split_secrets(&secrets);
-        Ok(Keyring {
-            file,
-            header: Header {
-                store_id,
-                buckets,
-                dim,
-                model_id: model_id.to_owned(),
-            },
-            slot_root: d.slot_root,
-            state_key: d.state_key,
-            mark_key: d.mark_key,
-            state: std::sync::Mutex::new(state),
-            pseudonym: PseudonymKey::new(&pk),
-            audit_key: ak,
-            buckets: bucket_keys,
-        })
+        Ok(buf)
     }
 
-    /// Open an existing keyring. A wrong root key is detected before any
-    /// slot is read, and nothing is written.
-    pub(crate) fn open(path: &Path, root: &RootKey) -> Result<Keyring> {
-        let mut file = OpenOptions::new().read(true).write(true).open(path)?;
-        let mut buf = Vec::new();
-        file.read_to_end(&mut buf)?;
+    /// Open the keyring image in `medium`. A wrong root key is detected
+    /// before any slot is read, and nothing is written.
+    pub(crate) fn load(medium: Arc<dyn Medium>, root: &RootKey) -> Result<Keyring> {
+        let buf = medium.read_all()?;
         let (header, d, secrets) = parse_header(&buf, root)?;
         let state = current_state(&d.state_key, &header.store_id, &buf)?;
         let expected_len = HEADER_LEN + header.buckets as usize * 2 * SLOT_LEN;
@@ -421,29 +479,18 @@ impl Keyring {
         }
         let mut bucket_keys = Vec::with_capacity(header.buckets as usize);
         for b in 0..header.buckets {
-            let mut keys = BucketKeys::default();
-            for s in 0..2 {
-                let off = slot_offset(b, s) as usize;
-                keys.slots[s] = parse_slot(
-                    &d.slot_root,
-                    &header.store_id,
-                    b,
-                    s,
-                    &buf[off..off + SLOT_LEN],
-                )?;
-            }
-            match (&keys.slots[0], &keys.slots[1]) {
-                (None, None) => return Err(Error::tampered("keyring slot (bucket has no key)")),
-                (Some((g0, _)), Some((g1, _))) if g0 == g1 => {
-                    return Err(Error::tampered("keyring slot (duplicate generation)"))
-                }
-                _ => {}
-            }
+            let off = slot_offset(b, 0) as usize;
+            let keys = parse_bucket(
+                &d.slot_root,
+                &header.store_id,
+                b,
+                &buf[off..off + 2 * SLOT_LEN],
+            )?;
             bucket_keys.push(RwLock::new(keys));
         }
         let (pk, ak) = split_secrets(&secrets);
         Ok(Keyring {
-            file,
+            file: medium,
             header,
             slot_root: d.slot_root,
             state_key: d.state_key,
@@ -548,10 +595,10 @@ impl Keyring {
             };
             let kek = random::<32>()?;
             let bytes = seal_slot(&self.slot_root, &self.header.store_id, b, free, gen, &kek)?;
-            self.file.write_all_at(&bytes, slot_offset(b, free))?;
+            self.file.write_at(slot_offset(b, free), &bytes)?;
             fresh.push((lock, free, gen, AeadKey::new(&kek)));
         }
-        self.file.sync_data()?;
+        self.file.sync()?;
         crate::failpoint::hit("rotation:new-slot-synced");
         Ok(fresh
             .into_iter()
@@ -584,14 +631,13 @@ impl Keyring {
                 let (newest, _) = keys.newest().ok_or(Error::tampered("keyring slot"))?;
                 1 - newest
             };
-            self.file
-                .write_all_at(&[0u8; SLOT_LEN], slot_offset(b, old))?;
+            self.file.write_at(slot_offset(b, old), &[0u8; SLOT_LEN])?;
             zeroed.push((lock, old));
         }
         match anchor {
             Some(a) => self.update_state(|st| a.apply(st))?,
             None if zeroed.is_empty() => return Ok(()),
-            None => self.file.sync_data()?,
+            None => self.file.sync()?,
         }
         for (lock, old) in zeroed {
             lock_write(lock).slots[old] = None;
@@ -606,19 +652,56 @@ impl Keyring {
 
     /// Change the state: the new copy is written over the older one in
     /// place and synced (with any slot writes before it).
+    /// Shared mode: under the state lock, from the state as stored (another
+    /// replica may have changed it).
     pub(crate) fn update_state(&self, f: impl FnOnce(&mut KeyringState)) -> Result<()> {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let _remote = self.file.lock_state()?;
+        if self.file.shared() {
+            *st = self.stored_state()?;
+        }
         let mut next = *st;
         f(&mut next);
         next.counter = st.counter + 1;
         let off = STATE_OFF[(next.counter % 2) as usize];
-        self.file.write_all_at(
-            &encode_state(&self.state_key, &self.header.store_id, &next),
+        self.file.write_at(
             off as u64,
+            &encode_state(&self.state_key, &self.header.store_id, &next),
         )?;
-        self.file.sync_data()?;
+        self.file.sync()?;
         *st = next;
         Ok(())
+    }
+
+    /// The current state as stored.
+    fn stored_state(&self) -> Result<KeyringState> {
+        let mut buf = vec![0u8; HEADER_LEN];
+        let from = STATE_OFF[0];
+        buf[from..].copy_from_slice(&self.file.read_at(from as u64, HEADER_LEN - from)?);
+        current_state(&self.state_key, &self.header.store_id, &buf)
+    }
+
+    /// Shared mode: re-read the state and the KEK slots of `buckets` (the
+    /// caller holds their locks; another replica may have rotated them).
+    /// Embedded mode: nothing to do, this process wrote them.
+    pub(crate) fn refresh(&self, buckets: &[u32]) -> Result<()> {
+        if !self.file.shared() {
+            return Ok(());
+        }
+        for &b in buckets {
+            let lock = self.bucket(b)?;
+            let bytes = self.file.read_at(slot_offset(b, 0), 2 * SLOT_LEN)?;
+            let keys = self.parse_bucket(b, &bytes)?;
+            *lock_write(lock) = keys;
+        }
+        let st = self.stored_state()?;
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = st;
+        Ok(())
+    }
+
+    /// The two slots of bucket `b` (`bytes`: both, 256 bytes).
+    fn parse_bucket(&self, b: u32, bytes: &[u8]) -> Result<BucketKeys> {
+        parse_bucket(&self.slot_root, &self.header.store_id, b, bytes)
     }
 
     /// The MAC of the data's copy of high-water mark `mark`.
@@ -758,6 +841,33 @@ fn parse_slot(
     }
     k.copy_from_slice(&kek);
     Ok(Some((gen, AeadKey::new(&k))))
+}
+
+/// Both slots of bucket `b` (`bytes`: 256 bytes): at least one key, no
+/// two of one generation.
+fn parse_bucket(
+    slot_root: &[u8; 32],
+    store_id: &[u8; 16],
+    b: u32,
+    bytes: &[u8],
+) -> Result<BucketKeys> {
+    let mut keys = BucketKeys::default();
+    for s in 0..2 {
+        keys.slots[s] = parse_slot(
+            slot_root,
+            store_id,
+            b,
+            s,
+            &bytes[s * SLOT_LEN..(s + 1) * SLOT_LEN],
+        )?;
+    }
+    match (&keys.slots[0], &keys.slots[1]) {
+        (None, None) => Err(Error::tampered("keyring slot (bucket has no key)")),
+        (Some((g0, _)), Some((g1, _))) if g0 == g1 => {
+            Err(Error::tampered("keyring slot (duplicate generation)"))
+        }
+        _ => Ok(keys),
+    }
 }
 
 /// Parse a keyring image with `root`, returning only whether it opens.

@@ -1,6 +1,13 @@
-//! On-disk records and the sled trees that hold them.
+//! The storage seam: what the store's logic (lifecycle, lockout, retention,
+//! rotation, audit) needs from a backend, the record formats and the key
+//! layout. Two backends implement [`Backend`]: [`sled`] (embedded, one
+//! process) and, with the `postgres` feature, `postgres` (shared by many
+//! replicas). The seam is a small ordered key-value interface over four
+//! tables, in the spirit of redb's `StorageBackend`: get, range scan,
+//! ordered or atomic writes, a durability point, and a bucket lock that
+//! holds across every process sharing the data.
 //!
-//! Tree `records`:
+//! Table `records`:
 //! - `b'S' | bucket (u32 BE) | pseudonym (32)` → [`SubjectRecord`]: the
 //!   subject's payload and state, each sealed under its DEK
 //! - `b'D' | deadline day (u32 BE) | bucket | pseudonym` → empty: the
@@ -12,23 +19,24 @@
 //!   refused or unknown-subject verify so that it writes what a no-match
 //!   writes (see `Store::verify`)
 //!
-//! Tree `keys`: `b'K' | bucket (u32 BE)` → the bucket's key table
+//! Table `keys`: `b'K' | bucket (u32 BE)` → the bucket's key table
 //! ([`DekTable`]): every subject's DEK in the bucket, wrapped under the
 //! bucket's KEK; a tree of its own, so that rewriting a table does not churn
 //! the leaves that hold records.
-//! Tree `meta`: `store-id` → the 16-byte store id, paired with the keyring's;
+//! Table `meta`: `store-id` → the 16-byte store id, paired with the keyring's;
 //! `mark` → the data's high-water mark (u64 BE) and its MAC (see
 //! `Store::open`).
-//! Tree `audit`: the audit log (see `crate::audit`).
+//! Table `audit`: the audit log (see `crate::audit`).
 //!
-//! `Writes` spans both `records` and `keys`: sled has one log for all trees,
-//! so the write order holds across them.
+//! `Writes` spans both `records` and `keys`; each backend keeps the write
+//! order across them (sled has one log for all trees; PostgreSQL commits
+//! in order).
 
 pub(crate) mod record;
+pub(crate) mod sled;
 
 use crate::crypto::pseudonym::Pseudonym;
 use crate::error::{Error, Result};
-use std::path::Path;
 
 pub(crate) use record::{DekTable, SubjectPayload, SubjectRecord, SubjectState};
 
@@ -136,331 +144,233 @@ pub(crate) fn parse_pending_key(k: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes(b))
 }
 
-/// Writes to the `records` and `keys` trees, applied one by one in the order
-/// queued.
+/// One of the store's tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Table {
+    /// Subject records, the retention index, pending-shred markers, the decoy.
+    Records,
+    /// Bucket key tables.
+    Keys,
+    /// Store id and the data's high-water mark.
+    Meta,
+    /// The audit log's segments.
+    Audit,
+}
+
+impl Table {
+    pub(crate) const ALL: [Table; 4] = [Table::Records, Table::Keys, Table::Meta, Table::Audit];
+
+    /// The table's name (sled tree name; suffix of the PostgreSQL table).
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Table::Records => "records",
+            Table::Keys => "keys",
+            Table::Meta => "meta",
+            Table::Audit => "audit",
+        }
+    }
+
+    /// The table of a name.
+    pub(crate) fn named(name: &str) -> Option<Table> {
+        Table::ALL.into_iter().find(|t| t.name() == name)
+    }
+}
+
+/// A key and its value.
+pub(crate) type Row = (Vec<u8>, Vec<u8>);
+
+/// A scan's visitor: gets each key and value in key order, returns whether
+/// to go on.
+pub(crate) type Visit<'a> = dyn FnMut(&[u8], &[u8]) -> Result<bool> + 'a;
+
+/// A held cross-process lock; released on drop.
+pub(crate) type RemoteLock = Box<dyn Send>;
+
+/// What the store needs of a storage backend. Every method is one unit of
+/// work against the backend (one round trip in shared mode); none sees a
+/// key or a plaintext.
+pub(crate) trait Backend: Send + Sync {
+    /// The value under `key`.
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>>;
+    /// Visit every entry with `from <= key < to` (`to = None`: to the end)
+    /// in key order, until `visit` returns false.
+    fn scan(
+        &self,
+        table: Table,
+        from: &[u8],
+        to: Option<&[u8]>,
+        visit: &mut Visit<'_>,
+    ) -> Result<()>;
+    /// The entry with the greatest key `<= at` (`None`: the greatest of all).
+    fn last(&self, table: Table, at: Option<&[u8]>) -> Result<Option<Row>>;
+    /// Apply `writes` in the order queued: after a crash the backend holds
+    /// a prefix of them. With `atomic`, all of them or none.
+    fn apply(&self, writes: Writes, atomic: bool) -> Result<()>;
+    /// A durability point: everything applied so far survives a crash or a
+    /// power cut once this returns.
+    fn flush(&self) -> Result<()>;
+    /// Take the locks of `buckets` (ascending) across every process sharing
+    /// the data, in one step (`None` for a backend one process owns: the
+    /// store's own mutexes are the locks). Held from the first read to the
+    /// last write of an operation on those buckets.
+    fn lock_buckets(&self, buckets: &[u32]) -> Result<Option<RemoteLock>>;
+    /// Raise the data's high-water mark to `value` (its first 8 bytes, the
+    /// mark big-endian, decide): never lowers it, even when replicas race.
+    fn raise_mark(&self, value: &[u8]) -> Result<()>;
+    /// Whether other processes may use the same data at the same time
+    /// (cached keys must then be refreshed under the bucket lock).
+    fn shared(&self) -> bool;
+    /// Where the data lives, for messages (never a password).
+    fn describe(&self) -> String;
+    /// The store is closing: last housekeeping (file modes).
+    fn close(&self) {}
+}
+
+/// First key after every key that starts with `prefix` (`None`: none).
+pub(crate) fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// Visit every entry whose key starts with `prefix`.
+pub(crate) fn scan_prefix(
+    db: &dyn Backend,
+    table: Table,
+    prefix: &[u8],
+    visit: &mut Visit<'_>,
+) -> Result<()> {
+    let end = prefix_end(prefix);
+    db.scan(table, prefix, end.as_deref(), visit)
+}
+
+/// Every key that starts with `prefix`.
+pub(crate) fn keys_with_prefix(
+    db: &dyn Backend,
+    table: Table,
+    prefix: &[u8],
+) -> Result<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    scan_prefix(db, table, prefix, &mut |k, _| {
+        out.push(k.to_vec());
+        Ok(true)
+    })?;
+    Ok(out)
+}
+
+/// Writes to the `records` and `keys` tables, applied in the order queued
+/// (see [`Backend::apply`]).
 ///
-/// Not a `sled::Batch`: sled rolls its I/O buffer twice per batch (to pin the
-/// batch's log position), so every batch costs two buffer writes on sled's
-/// I/O threads; measured here, that made a bulk enrollment ~125 µs per
-/// subject. Single inserts share the buffer. What a batch gave, atomicity,
-/// is replaced by order: sled recovers a prefix of its log, so each call site
-/// queues its writes so that every prefix is a state the store handles
-/// (SECURITY.md §7 lists the orders).
+/// sled: not a `sled::Batch`: sled rolls its I/O buffer twice per batch (to
+/// pin the batch's log position), so every batch costs two buffer writes on
+/// sled's I/O threads; measured here, that made a bulk enrollment ~125 µs
+/// per subject. Single inserts share the buffer. What a batch gave,
+/// atomicity, is replaced by order: sled recovers a prefix of its log, so
+/// each call site queues its writes so that every prefix is a state the
+/// store handles (SECURITY.md §7 lists the orders).
 #[derive(Default)]
-pub(crate) struct Writes(Vec<(bool, sled::IVec, Option<sled::IVec>)>);
+pub(crate) struct Writes(pub(crate) Vec<(Table, Vec<u8>, Option<Vec<u8>>)>);
 
 impl Writes {
-    /// Queue an insert into the `records` tree.
-    pub(crate) fn insert(&mut self, k: impl Into<sled::IVec>, v: impl Into<sled::IVec>) {
-        self.0.push((false, k.into(), Some(v.into())));
+    /// Queue an insert into the `records` table.
+    pub(crate) fn insert(&mut self, k: impl AsRef<[u8]>, v: impl Into<Vec<u8>>) {
+        self.0
+            .push((Table::Records, k.as_ref().to_vec(), Some(v.into())));
     }
 
-    /// Queue a removal from the `records` tree.
-    pub(crate) fn remove(&mut self, k: impl Into<sled::IVec>) {
-        self.0.push((false, k.into(), None));
+    /// Queue a removal from the `records` table.
+    pub(crate) fn remove(&mut self, k: impl AsRef<[u8]>) {
+        self.0.push((Table::Records, k.as_ref().to_vec(), None));
     }
 
-    /// Queue a bucket's key table (tree `keys`).
+    /// Queue a bucket's key table (table `keys`).
     pub(crate) fn put_table(&mut self, bucket: u32, table: Vec<u8>) {
-        self.0.push((
-            true,
-            key_table_key(bucket).to_vec().into(),
-            Some(table.into()),
-        ));
+        self.0
+            .push((Table::Keys, key_table_key(bucket).to_vec(), Some(table)));
     }
 
-    /// Apply every queued write in one sled transaction over both trees:
-    /// after a crash, all of them or none. Costs more than [`Writes::apply`]
-    /// (sled pins its log for a transaction); used where no order makes
-    /// every prefix valid (a record and the key table that holds its DEK).
-    pub(crate) fn apply_atomic(self, db: &Db) -> Result<()> {
-        use sled::transaction::TransactionError;
-        use sled::Transactional;
-        (&db.records, &db.keys)
-            .transaction(|(r, k)| {
-                for (keys, key, v) in &self.0 {
-                    let t = if *keys { k } else { r };
-                    match v {
-                        Some(v) => t.insert(key.clone(), v.clone())?,
-                        None => t.remove(key.clone())?,
-                    };
-                }
-                Ok(())
-            })
-            .map_err(|e: TransactionError<()>| match e {
-                TransactionError::Storage(e) => Error::Storage(e),
-                TransactionError::Abort(()) => Error::tampered("sled transaction aborted"),
-            })
+    /// Queue a write to any table.
+    pub(crate) fn put(&mut self, t: Table, k: impl AsRef<[u8]>, v: Option<Vec<u8>>) {
+        self.0.push((t, k.as_ref().to_vec(), v));
     }
 
-    pub(crate) fn apply(self, db: &Db) -> Result<()> {
-        for (keys, k, v) in self.0 {
-            let tree = if keys { &db.keys } else { &db.records };
-            match v {
-                Some(v) => tree.insert(k, v)?,
-                None => tree.remove(k)?,
-            };
-        }
-        Ok(())
-    }
-}
-
-/// Open sled at `path` without its background flusher. sled releases its
-/// file lock only when its I/O threads drop their last reference, a moment
-/// after the previous handle is dropped; so a lock conflict is retried for up
-/// to a second before it is reported (a store really open elsewhere still
-/// fails, just a second later).
-fn open_sled(path: &Path, cache_bytes: u64) -> Result<sled::Db> {
-    let mut tries = 0;
-    loop {
-        match sled::Config::new()
-            .path(path)
-            .flush_every_ms(None)
-            .cache_capacity(cache_bytes)
-            .open()
-        {
-            Err(sled::Error::Io(e))
-                if tries < 50 && e.to_string().contains("could not acquire lock") =>
-            {
-                tries += 1;
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            r => return Ok(r?),
-        }
-    }
-}
-
-/// Makes what sled has written durable. sled 0.34's `flush` writes its
-/// buffers and then calls `sync_file_range`, which flushes no device cache
-/// and no metadata, and it never syncs the blob files it writes for large
-/// values or the directory entries of new files. So every durability point
-/// of bioseal is `flush` followed by [`Syncer::sync`]: `fdatasync` of sled's
-/// log file, and `fsync` of every blob file not yet synced and of the blob
-/// directory.
-pub(crate) struct Syncer {
-    log: std::fs::File,
-    blobs: std::path::PathBuf,
-    synced_blobs: std::sync::Mutex<std::collections::HashSet<std::ffi::OsString>>,
-}
-
-impl Syncer {
-    fn new(path: &Path) -> Result<Syncer> {
-        let log = std::fs::File::open(path.join("db"))?;
-        Ok(Syncer {
-            log,
-            blobs: path.join("blobs"),
-            synced_blobs: std::sync::Mutex::new(std::collections::HashSet::new()),
-        })
+    /// Apply every queued write in one transaction: after a crash, all of
+    /// them or none. Costs more than [`Writes::apply`] (sled pins its log
+    /// for a transaction); used where no order makes every prefix valid (a
+    /// record and the key table that holds its DEK).
+    pub(crate) fn apply_atomic(self, db: &dyn Backend) -> Result<()> {
+        db.apply(self, true)
     }
 
-    /// `sled::Db::flush`, then `fdatasync` everything it wrote.
-    pub(crate) fn flush(&self, db: &sled::Db) -> Result<()> {
-        db.flush()?;
-        self.sync()
+    /// Apply the queued writes in order.
+    pub(crate) fn apply(self, db: &dyn Backend) -> Result<()> {
+        db.apply(self, false)
     }
-
-    /// `fdatasync` sled's log; `fsync` new blob files and their directory.
-    pub(crate) fn sync(&self) -> Result<()> {
-        self.log.sync_data()?;
-        let mut seen = self.synced_blobs.lock().unwrap_or_else(|e| e.into_inner());
-        let mut new = false;
-        let mut listed = std::collections::HashSet::new();
-        if let Ok(dir) = std::fs::read_dir(&self.blobs) {
-            for e in dir {
-                let e = e?;
-                listed.insert(e.file_name());
-                if !seen.contains(&e.file_name()) && sync_blob(&e.path())? {
-                    seen.insert(e.file_name());
-                    new = true;
-                }
-            }
-        }
-        // Forget blobs sled has removed.
-        seen.retain(|n| listed.contains(n));
-        if new {
-            std::fs::File::open(&self.blobs)?.sync_all()?;
-        }
-        Ok(())
-    }
-}
-
-/// `fsync` a blob file (mode 0600 first). sled removes old blobs on its own
-/// threads, so one listed a moment ago may be gone: nothing to sync then
-/// (false).
-fn sync_blob(path: &Path) -> Result<bool> {
-    match std::fs::File::open(path) {
-        Ok(f) => {
-            f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-            f.sync_all()?;
-            Ok(true)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Make `dir` and everything below it private: directories 0700, files
-/// 0600, whatever the umask was when they were created (sled creates its
-/// files with the process umask) or the mode an existing directory had.
-pub(crate) fn restrict_tree(dir: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    for e in std::fs::read_dir(dir)? {
-        let e = e?;
-        let t = e.file_type()?;
-        let r = if t.is_dir() {
-            restrict_tree(&e.path())
-        } else if t.is_file() {
-            std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(0o600))
-                .map_err(Error::from)
-        } else {
-            Ok(())
-        };
-        match r {
-            // sled removes old blobs and snapshots on its own threads.
-            Err(Error::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
-            r => r?,
-        }
-    }
-    Ok(())
-}
-
-/// `fsync` every file below `dir` and every directory, `dir` included
-/// (after creating a store: sled syncs none of the directory entries it
-/// creates).
-pub(crate) fn sync_tree(dir: &Path) -> Result<()> {
-    for e in std::fs::read_dir(dir)? {
-        let e = e?;
-        if e.file_type()?.is_dir() {
-            sync_tree(&e.path())?;
-        } else {
-            std::fs::File::open(e.path())?.sync_all()?;
-        }
-    }
-    std::fs::File::open(dir)?.sync_all()?;
-    Ok(())
-}
-
-/// The sled database of a store.
-pub(crate) struct Db {
-    pub(crate) db: sled::Db,
-    /// Durability: see [`Syncer`].
-    pub(crate) syncer: std::sync::Arc<Syncer>,
-    pub(crate) records: sled::Tree,
-    pub(crate) meta: sled::Tree,
-    pub(crate) audit: sled::Tree,
-    /// Bucket key tables, apart from the records: a table is rewritten on
-    /// every rotation and new subject, and sled rewrites whole leaves.
-    pub(crate) keys: sled::Tree,
 }
 
 const STORE_ID_KEY: &[u8] = b"store-id";
 /// The data's high-water mark: mark (u64 BE) | MAC (32).
 const MARK_KEY: &[u8] = b"mark";
 
-impl Db {
-    /// Open sled at `path`, without sled's own background flusher: the
-    /// store flushes (see `Durability`).
-    pub(crate) fn open(path: &Path, cache_bytes: u64) -> Result<Db> {
-        let db = open_sled(path, cache_bytes)?;
-        let records = db.open_tree("records")?;
-        let meta = db.open_tree("meta")?;
-        let audit = db.open_tree("audit")?;
-        let keys = db.open_tree("keys")?;
-        db.flush()?;
-        sync_tree(path)?;
-        if let Some(parent) = path.parent() {
-            std::fs::File::open(parent)?.sync_all()?;
-        }
-        Ok(Db {
-            syncer: std::sync::Arc::new(Syncer::new(path)?),
-            db,
-            records,
-            meta,
-            audit,
-            keys,
-        })
-    }
-
-    /// The store id recorded in the database, if any.
-    pub(crate) fn store_id(&self) -> Result<Option<[u8; 16]>> {
-        match self.meta.get(STORE_ID_KEY)? {
-            None => Ok(None),
-            Some(v) if v.len() == 16 => {
-                let mut id = [0u8; 16];
-                id.copy_from_slice(&v);
-                Ok(Some(id))
-            }
-            Some(_) => Err(Error::tampered("store id record")),
-        }
-    }
-
-    pub(crate) fn set_store_id(&self, id: &[u8; 16]) -> Result<()> {
-        self.meta.insert(STORE_ID_KEY, id.as_slice())?;
-        self.flush()
-    }
-
-    /// The data's high-water mark (0 for data that never had one), checked
-    /// against `mac` of the value.
-    pub(crate) fn mark(&self, mac: impl Fn(u64) -> [u8; 32]) -> Result<u64> {
-        match self.meta.get(MARK_KEY)? {
-            None => Ok(0),
-            Some(v) if v.len() == 40 => {
-                let mut m = [0u8; 8];
-                m.copy_from_slice(&v[..8]);
-                let m = u64::from_be_bytes(m);
-                if bool::from(subtle::ConstantTimeEq::ct_eq(&mac(m)[..], &v[8..])) {
-                    Ok(m)
-                } else {
-                    Err(Error::tampered("high-water mark"))
-                }
-            }
-            Some(_) => Err(Error::tampered("high-water mark")),
-        }
-    }
-
-    /// Write the data's high-water mark (made durable by the next flush).
-    pub(crate) fn set_mark(&self, mark: u64, mac: &[u8; 32]) -> Result<()> {
-        let mut v = Vec::with_capacity(40);
-        v.extend_from_slice(&mark.to_be_bytes());
-        v.extend_from_slice(mac);
-        self.meta.insert(MARK_KEY, v)?;
-        Ok(())
-    }
-
-    /// Make everything written so far durable (see [`Syncer`]).
-    pub(crate) fn flush(&self) -> Result<()> {
-        self.syncer.flush(&self.db)
-    }
-
-    /// Buckets with a pending shred.
-    pub(crate) fn pending_buckets(&self) -> Result<Vec<u32>> {
-        let mut out = Vec::new();
-        for kv in self.records.scan_prefix([PENDING]) {
-            let (k, _) = kv?;
-            out.push(parse_pending_key(&k).ok_or(Error::tampered("pending-shred marker"))?);
-        }
-        Ok(out)
+/// The store id recorded in the data, if any.
+pub(crate) fn store_id(db: &dyn Backend) -> Result<Option<[u8; 16]>> {
+    match db.get(Table::Meta, STORE_ID_KEY)? {
+        None => Ok(None),
+        Some(v) => <[u8; 16]>::try_from(v.as_slice())
+            .map(Some)
+            .map_err(|_| Error::tampered("store id record")),
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Record the store id (durable when this returns).
+pub(crate) fn set_store_id(db: &dyn Backend, id: &[u8; 16]) -> Result<()> {
+    let mut w = Writes::default();
+    w.put(Table::Meta, STORE_ID_KEY, Some(id.to_vec()));
+    w.apply(db)?;
+    db.flush()
+}
 
-    /// A blob sled removed between the listing and the sync is skipped, not
-    /// an error (a 1M-subject run failed with NotFound before); a present
-    /// one is synced and made 0600.
-    #[test]
-    fn a_blob_removed_before_its_sync_is_skipped() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let gone = dir.path().join("12345");
-        assert!(!sync_blob(&gone).expect("missing is fine"));
-        std::fs::write(&gone, b"blob").expect("write");
-        std::fs::set_permissions(&gone, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-        assert!(sync_blob(&gone).expect("sync"));
-        let mode = std::fs::metadata(&gone).expect("meta").permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
+/// The data's high-water mark (0 for data that never had one), checked
+/// against `mac` of the value.
+pub(crate) fn mark(db: &dyn Backend, mac: impl Fn(u64) -> [u8; 32]) -> Result<u64> {
+    match db.get(Table::Meta, MARK_KEY)? {
+        None => Ok(0),
+        Some(v) if v.len() == 40 => {
+            let mut m = [0u8; 8];
+            m.copy_from_slice(&v[..8]);
+            let m = u64::from_be_bytes(m);
+            if bool::from(subtle::ConstantTimeEq::ct_eq(&mac(m)[..], &v[8..])) {
+                Ok(m)
+            } else {
+                Err(Error::tampered("high-water mark"))
+            }
+        }
+        Some(_) => Err(Error::tampered("high-water mark")),
     }
+}
+
+/// Raise the data's high-water mark (made durable by the next flush).
+pub(crate) fn set_mark(db: &dyn Backend, mark: u64, mac: &[u8; 32]) -> Result<()> {
+    let mut v = Vec::with_capacity(40);
+    v.extend_from_slice(&mark.to_be_bytes());
+    v.extend_from_slice(mac);
+    db.raise_mark(&v)
+}
+
+/// The meta key of the high-water mark (for backends).
+pub(crate) const fn mark_key() -> &'static [u8] {
+    MARK_KEY
+}
+
+/// Buckets with a pending shred.
+pub(crate) fn pending_buckets(db: &dyn Backend) -> Result<Vec<u32>> {
+    keys_with_prefix(db, Table::Records, &[PENDING])?
+        .iter()
+        .map(|k| parse_pending_key(k).ok_or(Error::tampered("pending-shred marker")))
+        .collect()
 }

@@ -57,7 +57,7 @@ impl Store {
         let now = self.now();
         let consent = consent.accept(now, self.max_consent_lifetime)?;
         let (p, b, key) = self.locate(subject);
-        let guard = self.lock(b);
+        let guard = self.lock(b)?;
         if let Some(l) = self.load_subject(&p, b, &key)? {
             match self.overdue(&l, now) {
                 Some(reason) => {
@@ -96,7 +96,7 @@ impl Store {
             sealed_payload: Vec::new(),
         };
         self.put_subject(&mut w, &p, b, &l, true)?;
-        w.apply(&self.db)?;
+        w.apply(&*self.db)?;
         self.log(
             now,
             AuditEntry::new(AuditEvent::Enroll)
@@ -155,7 +155,7 @@ impl Store {
         check_subject(subject)?;
         let probe = probe.quantize(self.dim)?;
         let (p, b, key) = self.locate(subject);
-        let guard = self.lock(b);
+        let guard = self.lock(b)?;
         let now = self.now();
         let adding = add.is_some();
         let result = self.verify_locked(&p, b, &key, purpose, &probe, add, now, &guard);
@@ -202,8 +202,8 @@ impl Store {
     pub fn revoke(&self, subject: &str) -> Result<ShredReceipt> {
         check_subject(subject)?;
         let (p, b, key) = self.locate(subject);
-        let guard = self.lock(b);
-        if !self.db.records.contains_key(key)? {
+        let guard = self.lock(b)?;
+        if self.db.get(Table::Records, &key)?.is_none() {
             return Err(Error::NotEnrolled);
         }
         self.revoke_locked(b, &p, &guard)
@@ -218,7 +218,7 @@ impl Store {
         let now = self.now();
         let consent = consent.accept(now, self.max_consent_lifetime)?;
         let (p, b, key) = self.locate(subject);
-        let guard = self.lock(b);
+        let guard = self.lock(b)?;
         let mut l = self.load_live(&p, b, &key, now, &guard)?;
         l.payload.consent = consent;
         l.state.last_interaction = now.unix_secs();
@@ -241,7 +241,7 @@ impl Store {
         check_subject(subject)?;
         let now = self.now();
         let (p, b, key) = self.locate(subject);
-        let guard = self.lock(b);
+        let guard = self.lock(b)?;
         let mut l = self.load_live(&p, b, &key, now, &guard)?;
         if !l.payload.consent.withdraw(purpose) {
             return Err(Error::PurposeNotConsented);
@@ -263,7 +263,7 @@ impl Store {
         check_subject(subject)?;
         let now = self.now();
         let (p, b, key) = self.locate(subject);
-        let guard = self.lock(b);
+        let guard = self.lock(b)?;
         let l = self.load_live(&p, b, &key, now, &guard)?;
         Ok(self.status(&l.payload.consent, &l.state))
     }
@@ -329,7 +329,7 @@ impl Store {
                 if reseal || l.state != st {
                     let mut w = Writes::default();
                     self.put_subject(&mut w, p, b, &l, reseal)?;
-                    w.apply(&self.db)?;
+                    w.apply(&*self.db)?;
                 }
             }
             Decision::NoMatch => {

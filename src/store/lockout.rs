@@ -11,7 +11,7 @@ impl Store {
         check_subject(subject)?;
         let now = self.now();
         let (p, b, key) = self.locate(subject);
-        let guard = self.lock(b);
+        let guard = self.lock(b)?;
         let mut l = self.load_live(&p, b, &key, now, &guard)?;
         l.state.failures = 0;
         self.commit_subject(
@@ -76,11 +76,14 @@ impl Store {
         guard: &BucketGuard<'_>,
     ) -> Result<()> {
         let d = &self.decoy;
-        let _ = std::hint::black_box(self.db.records.get(storage::DECOY_KEY)?);
-        if let Some(t) = self.db.keys.get(storage::key_table_key(b))? {
+        let _ = std::hint::black_box(self.db.get(Table::Records, storage::DECOY_KEY)?);
+        if let Some(t) = self.db.get(Table::Keys, &storage::key_table_key(b))? {
             let _ = std::hint::black_box(DekTable::find(&t, p));
         }
-        let _ = std::hint::black_box(self.db.records.get(storage::deadline_ptr_key(b, p))?);
+        let _ = std::hint::black_box(
+            self.db
+                .get(Table::Records, &storage::deadline_ptr_key(b, p))?,
+        );
         let _ = std::hint::black_box(d.key.open(b"bioseal/decoy-dek", &d.wrapped));
         let rec = SubjectRecord::decode(&d.record)?;
         let plain = d

@@ -15,7 +15,7 @@ use crate::failpoint;
 use crate::matcher::{self, Decision, Threshold};
 use crate::storage::record::{dek_aad, payload_aad, state_aad, WRAPPED_DEK_LEN};
 use crate::storage::{
-    self, day_of, Db, DekTable, SubjectPayload, SubjectRecord, SubjectState, Writes,
+    self, day_of, Backend, DekTable, SubjectPayload, SubjectRecord, SubjectState, Table, Writes,
 };
 use std::collections::BTreeMap;
 use std::fmt;
@@ -105,7 +105,7 @@ pub struct StoreStats {
 /// See the crate documentation for a complete example.
 pub struct Store {
     dir: PathBuf,
-    db: Db,
+    db: Arc<dyn Backend>,
     keyring: Keyring,
     audit: AuditLog,
     dim: usize,
@@ -141,15 +141,20 @@ pub struct Store {
 impl fmt::Debug for Store {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Store")
-            .field("dir", &self.dir)
+            .field("data", &self.db.describe())
             .field("dimension", &self.dim)
             .field("buckets", &self.keyring.header().buckets)
             .finish_non_exhaustive()
     }
 }
 
-/// Proof that the caller holds a bucket's lock.
-struct BucketGuard<'a>(#[allow(dead_code)] MutexGuard<'a, ()>);
+/// Proof that the caller holds a bucket's lock: the store's mutex, and in
+/// shared mode the lock across processes (held by the first guard of a
+/// group).
+struct BucketGuard<'a> {
+    _local: MutexGuard<'a, ()>,
+    _remote: Option<storage::RemoteLock>,
+}
 
 /// A subject's record, opened.
 struct Loaded {
@@ -268,20 +273,20 @@ impl Store {
         }
         // bioseal's own flusher (below) replaces sled's, so that queued audit
         // entries and sled's log are flushed together.
-        let db = Db::open(&dbpath, config.cache_bytes)?;
-        storage::restrict_tree(&dir)?;
-        match db.store_id()? {
+        let sled = Arc::new(storage::sled::SledBackend::open(&dir, config.cache_bytes)?);
+        let db: Arc<dyn Backend> = sled;
+        match storage::store_id(&*db)? {
             Some(id) if id == h.store_id => {}
             Some(_) => return Err(Error::StoreMismatch),
-            None if !db.records.is_empty() => return Err(Error::StoreMismatch),
-            None => db.set_store_id(&h.store_id)?,
+            None if db.last(Table::Records, None)?.is_some() => return Err(Error::StoreMismatch),
+            None => storage::set_store_id(&*db, &h.store_id)?,
         }
-        let audit = AuditLog::open(db.audit.clone(), keyring.audit_key())?;
+        let audit = AuditLog::open(db.clone(), keyring.audit_key())?;
         let flusher = match config.durability {
             Durability::Immediate => None,
             Durability::GroupCommit { interval } => {
                 let (tx, rx) = std::sync::mpsc::channel::<()>();
-                let (drainer, sled_db, syncer) = (audit.inner(), db.db.clone(), db.syncer.clone());
+                let (drainer, backend) = (audit.inner(), db.clone());
                 let handle = std::thread::Builder::new()
                     .name("bioseal-flusher".into())
                     .spawn(move || {
@@ -299,7 +304,7 @@ impl Store {
                                 }
                                 Err(e) => {
                                     let _ = drainer.drain();
-                                    let _ = syncer.flush(&sled_db);
+                                    let _ = backend.flush();
                                     if e == std::sync::mpsc::RecvTimeoutError::Disconnected {
                                         break;
                                     }
@@ -313,7 +318,7 @@ impl Store {
         };
         // Rollback: the data's high-water mark against the keyring's, and
         // the audit head the keyring anchored.
-        let data_mark = db.mark(|m| keyring.mark_mac(m))?;
+        let data_mark = storage::mark(&*db, |m| keyring.mark_mac(m))?;
         let anchored = crate::audit::AuditHead {
             entries: kstate.audit_entries,
             last_mac: kstate.audit_mac,
@@ -444,8 +449,12 @@ impl Store {
     fn advance_mark(&self) -> Result<crate::crypto::keyring::Anchor> {
         let mark = {
             let mut m = self.mark.lock().unwrap_or_else(|e| e.into_inner());
+            if self.db.shared() {
+                // Another replica may have raised it.
+                *m = (*m).max(storage::mark(&*self.db, |v| self.keyring.mark_mac(v))?);
+            }
             *m += 1;
-            self.db.set_mark(*m, &self.keyring.mark_mac(*m))?;
+            storage::set_mark(&*self.db, *m, &self.keyring.mark_mac(*m))?;
             *m
         };
         let inner = self.audit.inner();
@@ -468,24 +477,24 @@ impl Store {
     /// Counts describing the store (no template data; walks the record keys).
     pub fn stats(&self) -> Result<StoreStats> {
         let mut subjects = 0;
-        for kv in self.db.records.scan_prefix([b'S']) {
-            kv?;
+        storage::scan_prefix(&*self.db, Table::Records, b"S", &mut |_, _| {
             subjects += 1;
-        }
+            Ok(true)
+        })?;
         let (generation_min, generation_max) = self.keyring.generation_range();
         Ok(StoreStats {
             subjects,
             buckets: self.keyring.header().buckets,
-            pending_shreds: self.db.pending_buckets()?.len(),
+            pending_shreds: storage::pending_buckets(&*self.db)?.len(),
             generation_min,
             generation_max,
         })
     }
 
-    /// The sled database, for the raw-access test hooks.
+    /// The storage backend, for the raw-access test hooks.
     #[cfg(feature = "failpoints")]
-    pub(crate) fn raw_db(&self) -> &sled::Db {
-        &self.db.db
+    pub(crate) fn raw_db(&self) -> &dyn Backend {
+        &*self.db
     }
 
     /// The store's directory.
@@ -511,11 +520,34 @@ impl Store {
         Ok(())
     }
 
-    fn lock(&self, b: u32) -> BucketGuard<'_> {
-        // `b` comes from `Pseudonym::bucket(buckets)` or from a key the store
-        // wrote; the modulo keeps a corrupted key from panicking.
-        let m = &self.locks[b as usize % self.locks.len()];
-        BucketGuard(m.lock().unwrap_or_else(|e| e.into_inner()))
+    fn lock(&self, b: u32) -> Result<BucketGuard<'_>> {
+        let mut g = self.lock_many(&[b])?;
+        g.pop().ok_or(Error::tampered("bucket lock"))
+    }
+
+    /// Lock the distinct, ascending buckets `buckets`: the store's mutexes,
+    /// then (shared mode) the database's locks in one round trip, then the
+    /// cached keys of those buckets are refreshed (another replica may have
+    /// rotated them).
+    fn lock_many(&self, buckets: &[u32]) -> Result<Vec<BucketGuard<'_>>> {
+        // A bucket comes from `Pseudonym::bucket(buckets)` or from a key the
+        // store wrote; the modulo keeps a corrupted key from panicking.
+        let mut guards: Vec<BucketGuard<'_>> = buckets
+            .iter()
+            .map(|&b| BucketGuard {
+                _local: self.locks[b as usize % self.locks.len()]
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()),
+                _remote: None,
+            })
+            .collect();
+        if let Some(remote) = self.db.lock_buckets(buckets)? {
+            if let Some(first) = guards.first_mut() {
+                first._remote = Some(remote);
+            }
+            self.keyring.refresh(buckets)?;
+        }
+        Ok(guards)
     }
 
     fn locate(&self, subject: &str) -> (Pseudonym, u32, [u8; 37]) {
@@ -534,8 +566,7 @@ impl Drop for Store {
             let _ = handle.join();
         }
         let _ = self.flush();
-        // Files sled created while open (snapshots) get the private mode.
-        let _ = storage::restrict_tree(&self.dir);
+        self.db.close();
     }
 }
 
@@ -605,7 +636,7 @@ const _: fn() = || {
 impl Store {
     pub(crate) fn test_dek(&self, subject: &str) -> Result<Zeroizing<[u8; 32]>> {
         let (p, b, key) = self.locate(subject);
-        let _g = self.lock(b);
+        let _g = self.lock(b)?;
         Ok(self
             .load_subject(&p, b, &key)?
             .ok_or(Error::NotEnrolled)?

@@ -96,7 +96,8 @@ impl Store {
         group: &[DueBucket],
         now: Timestamp,
     ) -> Result<(usize, usize)> {
-        let guards: Vec<BucketGuard<'_>> = group.iter().map(|(b, _)| self.lock(*b)).collect();
+        let buckets: Vec<u32> = group.iter().map(|(b, _)| *b).collect();
+        let guards = self.lock_many(&buckets)?;
         let mut work: Vec<(u32, Vec<(Pseudonym, AuditOutcome)>)> = Vec::new();
         for (b, candidates) in group {
             let doomed = self.sweep_bucket(*b, candidates, now)?;
@@ -140,10 +141,11 @@ impl Store {
     pub(super) fn due_index_entries(&self, now: Timestamp) -> Result<Vec<(u32, u32, Pseudonym)>> {
         let end = storage::deadline_scan_end(day_of(now.unix_secs()));
         let mut out = Vec::new();
-        for kv in self.db.records.range(&[b'D'][..]..&end[..]) {
-            let (k, _) = kv?;
-            out.push(storage::parse_deadline_key(&k).ok_or(Error::tampered("retention index"))?);
-        }
+        self.db
+            .scan(Table::Records, b"D", Some(&end), &mut |k, _| {
+                out.push(storage::parse_deadline_key(k).ok_or(Error::tampered("retention index"))?);
+                Ok(true)
+            })?;
         Ok(out)
     }
 
@@ -171,7 +173,7 @@ impl Store {
                     let mut w = Writes::default();
                     self.remove_index(&mut w, b, &p)?;
                     w.remove(&storage::deadline_key(day, b, &p)[..]);
-                    w.apply(&self.db)?;
+                    w.apply(&*self.db)?;
                     None
                 }
                 // Listed as due and unreadable: nothing can be lost by removing it.
@@ -195,7 +197,7 @@ impl Store {
             if !seen.insert((b, p.0)) {
                 continue;
             }
-            let _guard = self.lock(b);
+            let _guard = self.lock(b)?;
             match self.load_subject(&p, b, &storage::subject_key(b, &p)) {
                 Ok(Some(l)) if self.overdue(&l, now).is_some() => n += 1,
                 Ok(_) => {}
@@ -282,11 +284,13 @@ impl Store {
     /// day: the entry was left by a crash between the writes of
     /// [`Store::put_subject`]; remove it.
     pub(super) fn drop_stale_index_entry(&self, b: u32, p: &Pseudonym, day: u32) -> Result<()> {
-        let ptr = self.db.records.get(storage::deadline_ptr_key(b, p))?;
+        let ptr = self
+            .db
+            .get(Table::Records, &storage::deadline_ptr_key(b, p))?;
         if matches!(ptr.as_deref().and_then(be_u32), Some(d) if d != day) {
-            self.db
-                .records
-                .remove(&storage::deadline_key(day, b, p)[..])?;
+            let mut w = Writes::default();
+            w.remove(storage::deadline_key(day, b, p));
+            w.apply(&*self.db)?;
         }
         Ok(())
     }
@@ -295,7 +299,11 @@ impl Store {
     /// names (in that order: a pointer must never name a missing entry).
     pub(super) fn remove_index(&self, w: &mut Writes, b: u32, p: &Pseudonym) -> Result<()> {
         let ptr = storage::deadline_ptr_key(b, p);
-        let day = self.db.records.get(ptr)?.as_deref().and_then(be_u32);
+        let day = self
+            .db
+            .get(Table::Records, &ptr)?
+            .as_deref()
+            .and_then(be_u32);
         w.remove(&ptr[..]);
         if let Some(day) = day {
             w.remove(&storage::deadline_key(day, b, p)[..]);

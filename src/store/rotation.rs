@@ -13,11 +13,15 @@ impl Store {
     /// the number of buckets rotated.
     pub fn shred(&self) -> Result<usize> {
         let mut n = 0;
-        for group in self.db.pending_buckets()?.chunks(ROTATION_GROUP) {
-            let guards: Vec<BucketGuard<'_>> = group.iter().map(|b| self.lock(*b)).collect();
+        for group in storage::pending_buckets(&*self.db)?.chunks(ROTATION_GROUP) {
+            let guards = self.lock_many(group)?;
             let mut work = Vec::new();
             for &b in group {
-                if self.db.records.contains_key(storage::pending_key(b))? {
+                if self
+                    .db
+                    .get(Table::Records, &storage::pending_key(b))?
+                    .is_some()
+                {
                     work.push((b, Vec::new()));
                 }
             }
@@ -71,14 +75,14 @@ impl Store {
         for p in ps {
             self.remove_subject(&mut w, b, p)?;
         }
-        w.apply(&self.db)
+        w.apply(&*self.db)
     }
 
     /// Finish what a crash interrupted: half-done rotations, and (with
     /// immediate shredding) revocations whose rotation never started.
     pub(super) fn recover(&self) -> Result<()> {
         for b in self.keyring.interrupted() {
-            let _guard = self.lock(b);
+            let _guard = self.lock(b)?;
             self.complete_rotation(b)?;
         }
         if self.shred_policy == ShredPolicy::Immediate {
@@ -134,7 +138,7 @@ impl Store {
     /// under immediate shredding rotates) to 2^16 wraps, far inside the
     /// 2^32 random-nonce budget of AES-GCM.
     pub(super) fn table_with(&self, p: &Pseudonym, b: u32, dek: &[u8; 32]) -> Result<Vec<u8>> {
-        let existing = match self.db.keys.get(storage::key_table_key(b))? {
+        let existing = match self.db.get(Table::Keys, &storage::key_table_key(b))? {
             Some(v) => Some(DekTable::decode(&v)?),
             None => None,
         };
@@ -223,9 +227,9 @@ impl Store {
             w.insert(storage::DECOY_KEY, stand_in);
         }
         if strict {
-            w.apply_atomic(&self.db)?;
+            w.apply_atomic(&*self.db)?;
         } else {
-            w.apply(&self.db)?;
+            w.apply(&*self.db)?;
         }
         failpoint::hit(if rekeyed {
             "rekey:applied"
@@ -256,7 +260,9 @@ impl Store {
     pub(super) fn complete_rotation(&self, b: u32) -> Result<()> {
         let newest = self.keyring.with_newest(b, |g, _| g)?;
         if let Some(t) = self.rewrap_table(b, newest, &[], None)? {
-            self.db.keys.insert(storage::key_table_key(b), t)?;
+            let mut w = Writes::default();
+            w.put_table(b, t);
+            w.apply(&*self.db)?;
         }
         self.log(
             self.now(),
@@ -329,7 +335,7 @@ impl Store {
         strict: bool,
     ) -> Result<Option<Deks>> {
         let bad = Error::tampered("bucket key table (an entry does not open)");
-        let table = match self.db.keys.get(storage::key_table_key(b))? {
+        let table = match self.db.get(Table::Keys, &storage::key_table_key(b))? {
             Some(v) => match DekTable::decode(&v) {
                 Ok(t) => t,
                 Err(e) if strict => return Err(e),
@@ -340,8 +346,8 @@ impl Store {
         };
         // The bucket's live subjects: one range scan of its records.
         let mut live = std::collections::HashSet::new();
-        for kv in self.db.records.scan_prefix(storage::subject_prefix(b)) {
-            let (k, _) = kv?;
+        for k in storage::keys_with_prefix(&*self.db, Table::Records, &storage::subject_prefix(b))?
+        {
             if let Some((_, p)) = storage::parse_subject_key(&k) {
                 live.insert(p.0);
             }

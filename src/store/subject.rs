@@ -4,7 +4,7 @@ use super::*;
 
 impl Store {
     pub(super) fn load(&self, key: &[u8]) -> Result<Option<SubjectRecord>> {
-        match self.db.records.get(key)? {
+        match self.db.get(Table::Records, key)? {
             None => Ok(None),
             Some(v) => SubjectRecord::decode(&v).map(Some),
         }
@@ -17,8 +17,7 @@ impl Store {
         };
         let table = self
             .db
-            .keys
-            .get(storage::key_table_key(b))?
+            .get(Table::Keys, &storage::key_table_key(b))?
             .ok_or(Error::tampered("bucket key table (missing)"))?;
         let (generation, wrapped) = DekTable::find(&table, p)?
             .ok_or(Error::tampered("bucket key table (no entry for a record)"))?;
@@ -58,7 +57,11 @@ impl Store {
         let key = AeadKey::new(&l.dek);
         let day = day_of(self.deadline(&l.payload.consent, &l.state).unix_secs());
         let ptr = storage::deadline_ptr_key(b, p);
-        let old = self.db.records.get(ptr)?.as_deref().and_then(be_u32);
+        let old = self
+            .db
+            .get(Table::Records, &ptr)?
+            .as_deref()
+            .and_then(be_u32);
         if old != Some(day) {
             w.insert(&storage::deadline_key(day, b, p)[..], &[][..]);
         }

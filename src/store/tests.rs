@@ -86,9 +86,7 @@ fn rotation_interrupted_after_new_slot_is_completed_on_open() {
     assert_eq!((s.generation_min, s.generation_max), (2, 2));
     all_match(&store, 6);
     let table = store
-        .db
-        .keys
-        .get(storage::key_table_key(0))
+        .raw_get(Table::Keys, &storage::key_table_key(0))
         .expect("read")
         .expect("table");
     let table = DekTable::decode(&table).expect("decode");
@@ -109,9 +107,7 @@ fn rotation_interrupted_before_zeroing_is_completed_on_open() {
             .expect("rewrap")
             .expect("table");
         store
-            .db
-            .keys
-            .insert(storage::key_table_key(0), t)
+            .raw_put(Table::Keys, &storage::key_table_key(0), t)
             .expect("insert");
         store.db.flush().expect("flush");
     }
@@ -166,7 +162,7 @@ fn sweep_removes_index_entries_left_by_a_crash() {
         storage::deadline_key(0, b, &p),
         storage::deadline_key(0, b, &ghost),
     ] {
-        store.db.records.insert(k, &[][..]).expect("insert");
+        store.raw_put(Table::Records, &k, &[][..]).expect("insert");
     }
     let report = store.sweep().expect("sweep");
     assert_eq!((report.examined, report.expired), (2, 0));
@@ -174,23 +170,20 @@ fn sweep_removes_index_entries_left_by_a_crash() {
         storage::deadline_key(0, b, &p),
         storage::deadline_key(0, b, &ghost),
     ] {
-        assert!(!store.db.records.contains_key(k).expect("read"));
+        assert!(store.raw_get(Table::Records, &k).expect("read").is_none());
     }
     let day = day_of(99_999);
     assert!(store
-        .db
-        .records
-        .contains_key(storage::deadline_key(day, b, &p))
-        .expect("read"));
+        .raw_get(Table::Records, &storage::deadline_key(day, b, &p))
+        .expect("read")
+        .is_some());
     assert_eq!(store.sweep().expect("sweep").examined, 0);
     all_match(&store, 2);
 }
 
 fn table_of(store: &Store, b: u32) -> DekTable {
     let v = store
-        .db
-        .keys
-        .get(storage::key_table_key(b))
+        .raw_get(Table::Keys, &storage::key_table_key(b))
         .expect("read")
         .expect("table");
     DekTable::decode(&v).expect("decode")
@@ -225,7 +218,7 @@ fn recovery_drops_entries_whose_record_was_removed_before_a_crash() {
         populate(&store, 3);
         let (p1, b, key) = store.locate("s1");
         store.keyring.begin_rotation(b).expect("begin");
-        store.db.records.remove(key).expect("remove");
+        store.raw_del(Table::Records, &key).expect("remove");
         p1
         // "crash": drop with the rotation unfinished
     };
@@ -277,23 +270,23 @@ fn a_filling_audit_queue_wakes_the_flusher() {
         );
         assert_eq!(d.expect("verify"), Decision::Match);
     };
-    let stored = store.db.audit.len();
+    let stored = store.raw_all(Table::Audit).len();
     for _ in 1..crate::audit::WAKE_AT {
         verify();
     }
     std::thread::sleep(std::time::Duration::from_millis(200));
     assert_eq!(
-        store.db.audit.len(),
+        store.raw_all(Table::Audit).len(),
         stored,
         "nothing drains below the mark"
     );
     verify();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while store.db.audit.len() == stored && std::time::Instant::now() < deadline {
+    while store.raw_all(Table::Audit).len() == stored && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     assert!(
-        store.db.audit.len() > stored,
+        store.raw_all(Table::Audit).len() > stored,
         "the flusher drained at the mark"
     );
 }
@@ -312,9 +305,7 @@ fn a_full_bucket_refuses_enrollment() {
         t.put(&Pseudonym(p), [0; WRAPPED_DEK_LEN]);
     }
     store
-        .db
-        .keys
-        .insert(storage::key_table_key(0), t.encode())
+        .raw_put(Table::Keys, &storage::key_table_key(0), t.encode())
         .expect("insert");
     let c = Consent::new([Purpose::IDENTITY_VERIFICATION])
         .expires_at(Timestamp::from_unix_secs(99_999))
@@ -341,12 +332,7 @@ fn audit_segments_have_their_own_keys() {
         );
     }
     store.flush().expect("flush");
-    let segments: Vec<(Vec<u8>, Vec<u8>)> = store
-        .db
-        .audit
-        .iter()
-        .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).expect("kv"))
-        .collect();
+    let segments: Vec<(Vec<u8>, Vec<u8>)> = store.raw_all(Table::Audit);
     assert!(segments.len() >= 3, "{} segments", segments.len());
     assert!(crate::audit::tests_support::max_entries(&segments) <= 256);
     assert!(crate::audit::tests_support::cross_open_fails(
@@ -354,4 +340,31 @@ fn audit_segments_have_their_own_keys() {
         &segments
     ));
     store.audit().verify_chain().expect("chain");
+}
+
+/// Raw table access for these tests.
+impl Store {
+    fn raw_get(&self, t: Table, k: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.db.get(t, k)
+    }
+    fn raw_put(&self, t: Table, k: &[u8], v: impl Into<Vec<u8>>) -> Result<()> {
+        let mut w = Writes::default();
+        w.put(t, k, Some(v.into()));
+        self.db.apply(w, false)
+    }
+    fn raw_del(&self, t: Table, k: &[u8]) -> Result<()> {
+        let mut w = Writes::default();
+        w.put(t, k, None);
+        self.db.apply(w, false)
+    }
+    fn raw_all(&self, t: Table) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut out = Vec::new();
+        self.db
+            .scan(t, &[], None, &mut |k, v| {
+                out.push((k.to_vec(), v.to_vec()));
+                Ok(true)
+            })
+            .expect("scan");
+        out
+    }
 }
