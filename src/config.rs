@@ -11,6 +11,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Shared mode: connections per process.
+pub const DEFAULT_POOL_SIZE: u32 = 16;
 /// sled's default page-cache size.
 const DEFAULT_CACHE_BYTES: u64 = 1 << 30;
 
@@ -124,11 +126,17 @@ pub struct StoreConfig {
     pub(crate) pad: bool,
     pub(crate) durability: Durability,
     pub(crate) cache_bytes: u64,
+    pub(crate) pool_size: u32,
 }
 
 impl StoreConfig {
     /// A configuration for the store in `dir`, whose keyring is sealed by the
     /// root key that `key` supplies. Keep the root key outside `dir`.
+    ///
+    /// `dir` may instead be a `postgresql://` URL (feature `postgres`):
+    /// shared mode, where any number of processes open the same store on
+    /// one database. The keyring then lives in the database, sealed under
+    /// the root key, and no key directory is needed.
     pub fn new(dir: impl Into<PathBuf>, key: impl KeyProvider + 'static) -> Self {
         StoreConfig {
             dir: dir.into(),
@@ -148,6 +156,7 @@ impl StoreConfig {
             pad: false,
             durability: Durability::default(),
             cache_bytes: DEFAULT_CACHE_BYTES,
+            pool_size: DEFAULT_POOL_SIZE,
         }
     }
 
@@ -272,6 +281,20 @@ impl StoreConfig {
         self
     }
 
+    /// Shared mode: the most connections this process keeps open to the
+    /// database (default 16). A thread holding bucket locks uses one.
+    pub fn pool_size(mut self, n: u32) -> Self {
+        self.pool_size = n;
+        self
+    }
+
+    /// The PostgreSQL URL, when the store location is one.
+    pub(crate) fn postgres_url(&self) -> Option<&str> {
+        self.dir
+            .to_str()
+            .filter(|s| s.starts_with("postgresql://") || s.starts_with("postgres://"))
+    }
+
     /// When verify's writes reach the disk.
     pub fn durability(mut self, d: Durability) -> Self {
         self.durability = d;
@@ -332,10 +355,23 @@ impl StoreConfig {
     }
 }
 
+/// A PostgreSQL URL without its user information and parameters (where a
+/// password can be): scheme, host, port, database.
+pub(crate) fn redact_url(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let rest = rest.split('?').next().unwrap_or("");
+    let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    format!("{scheme}://[REDACTED]@{host}")
+}
+
 impl fmt::Debug for StoreConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let location = match self.postgres_url() {
+            Some(url) => redact_url(url),
+            None => self.dir.display().to_string(),
+        };
         f.debug_struct("StoreConfig")
-            .field("dir", &self.dir)
+            .field("location", &location)
             .field("key_dir", &self.key_dir)
             .field("accept_rollback", &self.accept_rollback)
             .field("max_clock_jump", &self.max_clock_jump)

@@ -172,6 +172,14 @@ pub enum Error {
     /// An I/O error on the keyring or a key file.
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
+    /// The database's schema is newer than this version of bioseal knows.
+    #[error("the database has bioseal schema version {found}; this version knows up to {supported}: upgrade bioseal")]
+    SchemaVersion {
+        /// The version in the database.
+        found: i32,
+        /// The newest version this code knows.
+        supported: i32,
+    },
     /// An error from the storage backend (sled, or PostgreSQL: the message
     /// names the host and port, never a password).
     #[error("storage error: {0}")]

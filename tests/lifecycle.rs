@@ -8,9 +8,8 @@ use bioseal::{
 };
 use common::*;
 
-#[test]
-fn genuine_matches_impostor_does_not() {
-    let f = Fixture::new(16);
+fn genuine_matches_impostor_does_not(k: Kind) {
+    let f = Fixture::with(k, 16);
     let store = f.open();
     let mut rng = Rng(1);
     let alice = rng.unit(DIM);
@@ -42,9 +41,8 @@ fn genuine_matches_impostor_does_not() {
     }
 }
 
-#[test]
-fn typed_errors_for_purpose_expiry_unknown_and_revoked() {
-    let f = Fixture::new(16);
+fn typed_errors_for_purpose_expiry_unknown_and_revoked(k: Kind) {
+    let f = Fixture::with(k, 16);
     let store = f.open();
     let mut rng = Rng(2);
     let alice = rng.unit(DIM);
@@ -112,9 +110,8 @@ fn typed_errors_for_purpose_expiry_unknown_and_revoked() {
     );
 }
 
-#[test]
-fn several_templates_up_to_the_maximum() {
-    let f = Fixture::new(16);
+fn several_templates_up_to_the_maximum(k: Kind) {
+    let f = Fixture::with(k, 16);
     let store = Store::open(f.config().max_templates(2)).expect("open");
     let mut rng = Rng(3);
     let (a, b, c) = (rng.unit(DIM), rng.unit(DIM), rng.unit(DIM));
@@ -169,9 +166,8 @@ fn several_templates_up_to_the_maximum() {
 /// `enroll` over an enrolled subject is refused and changes nothing: not
 /// the templates, not the consent, not the failure counter (issue 11 §3:
 /// it used to append any face, replace the consent and reset the counter).
-#[test]
-fn enroll_over_an_enrolled_subject_is_refused_and_changes_nothing() {
-    let f = Fixture::new(16);
+fn enroll_over_an_enrolled_subject_is_refused_and_changes_nothing(k: Kind) {
+    let f = Fixture::with(k, 16);
     let store = f.open();
     let mut rng = Rng(4);
     let (a, mallory) = (rng.unit(DIM), rng.unit(DIM));
@@ -214,9 +210,8 @@ fn enroll_over_an_enrolled_subject_is_refused_and_changes_nothing() {
     );
 }
 
-#[test]
-fn enrollments_survive_reopen_and_revocations_stay_revoked() {
-    let f = Fixture::new(16);
+fn enrollments_survive_reopen_and_revocations_stay_revoked(k: Kind) {
+    let f = Fixture::with(k, 16);
     let mut rng = Rng(5);
     let vecs: Vec<Vec<f32>> = (0..40).map(|_| rng.unit(DIM)).collect();
     {
@@ -242,9 +237,8 @@ fn enrollments_survive_reopen_and_revocations_stay_revoked() {
     }
 }
 
-#[test]
-fn deferred_shred_completes_on_shred() {
-    let f = Fixture::new(4);
+fn deferred_shred_completes_on_shred(k: Kind) {
+    let f = Fixture::with(k, 4);
     let store = Store::open(f.config().shred_policy(bioseal::ShredPolicy::Deferred)).expect("open");
     let mut rng = Rng(6);
     let a = rng.unit(DIM);
@@ -428,9 +422,8 @@ fn reopening_right_after_drop_works_and_a_store_open_elsewhere_is_refused() {
 /// Bulk enrollment: a bad item gets its own typed error and the others are
 /// enrolled; every `Ok` item is durable when the call returns (checked by
 /// reopening) and audited.
-#[test]
-fn enroll_many_reports_per_item_and_is_durable() {
-    let f = Fixture::new(8);
+fn enroll_many_reports_per_item_and_is_durable(k: Kind) {
+    let f = Fixture::with(k, 8);
     let mut rng = Rng(41);
     let vecs: Vec<Vec<f32>> = (0..30).map(|_| rng.unit(DIM)).collect();
     let results = {
@@ -484,3 +477,13 @@ fn enroll_many_reports_per_item_and_is_durable() {
         .count();
     assert_eq!(enrolls, 27);
 }
+
+on_both_backends!(
+    genuine_matches_impostor_does_not,
+    typed_errors_for_purpose_expiry_unknown_and_revoked,
+    several_templates_up_to_the_maximum,
+    enroll_over_an_enrolled_subject_is_refused_and_changes_nothing,
+    enrollments_survive_reopen_and_revocations_stay_revoked,
+    deferred_shred_completes_on_shred,
+    enroll_many_reports_per_item_and_is_durable,
+);

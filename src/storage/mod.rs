@@ -32,6 +32,8 @@
 //! order across them (sled has one log for all trees; PostgreSQL commits
 //! in order).
 
+#[cfg(feature = "postgres")]
+pub(crate) mod postgres;
 pub(crate) mod record;
 pub(crate) mod sled;
 

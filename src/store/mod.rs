@@ -104,7 +104,8 @@ pub struct StoreStats {
 ///
 /// See the crate documentation for a complete example.
 pub struct Store {
-    dir: PathBuf,
+    /// Embedded mode: the data directory.
+    dir: Option<PathBuf>,
     db: Arc<dyn Backend>,
     keyring: Keyring,
     audit: AuditLog,
@@ -181,72 +182,25 @@ impl Store {
     /// [`Error::WrongRootKey`] before any data file is opened.
     pub fn open(config: StoreConfig) -> Result<Store> {
         let (model_id, dim, threshold) = config.validate()?;
-        let dir = config.dir.clone();
-        if !dir.exists() {
-            let mut b = std::fs::DirBuilder::new();
-            b.recursive(true);
-            std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
-            b.create(&dir)?;
-            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-                std::fs::File::open(parent)?.sync_all()?;
+        let opened = match config.postgres_url() {
+            #[cfg(feature = "postgres")]
+            Some(url) => open_shared(&config, url, &model_id, dim, threshold)?,
+            #[cfg(not(feature = "postgres"))]
+            Some(_) => {
+                return Err(Error::Config(
+                    "a postgresql:// store needs bioseal built with the `postgres` feature".into(),
+                ))
             }
-        }
-        let key_dir = config.key_dir.clone().ok_or_else(|| {
-            Error::Config(
-                "no key directory (StoreConfig::key_dir): the keyring must live outside the data directory"
-                    .into(),
-            )
-        })?;
-        check_key_dir(&dir, &key_dir)?;
-        // Private before sled creates anything in it; the files inside are
-        // made private once sled has opened them (below).
-        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
-        if dir.join(LEGACY_KEYRING_FILE).exists() {
-            return Err(Error::LegacyLayout(format!(
-                "{} holds its keyring inside the data directory, where every copy of the data \
-                 carries it; this version keeps it in a key directory with a new format: \
-                 re-create the store and enroll again",
-                dir.display()
-            )));
-        }
-        if !key_dir.exists() {
-            let mut b = std::fs::DirBuilder::new();
-            b.recursive(true);
-            std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
-            b.create(&key_dir)?;
-        }
-        std::fs::set_permissions(
-            &key_dir,
-            std::os::unix::fs::PermissionsExt::from_mode(0o700),
-        )?;
-        let kpath = key_dir.join(KEYRING_FILE);
-        let dbpath = dir.join(DB_DIR);
-        let (keyring, created) = {
-            let root = config.key.root_key()?;
-            if kpath.exists() {
-                (Keyring::open(&kpath, &root)?, false)
-            } else if dbpath.exists() {
-                return Err(Error::KeyUnavailable {
-                    what: "the keyring file is missing from the key directory; refusing to create a new one over existing data",
-                });
-            } else {
-                let t = threshold.ok_or_else(|| {
-                    Error::Config(
-                        "no threshold set for a new store (StoreConfig::threshold)".into(),
-                    )
-                })?;
-                let k = Keyring::create(
-                    &kpath,
-                    &root,
-                    config.buckets,
-                    &model_id,
-                    dim as u32,
-                    config.clock.now().unix_secs(),
-                    t.as_cosine(),
-                )?;
-                (k, true)
-            }
+            None => open_embedded(&config, &model_id, dim, threshold)?,
         };
+        let Opened {
+            dir,
+            keyring,
+            created,
+            db,
+            data_existed,
+            init_lock,
+        } = opened;
         let h = keyring.header();
         if h.model_id != model_id || h.dim as usize != dim {
             return Err(Error::ModelMismatch {
@@ -266,21 +220,19 @@ impl Store {
             }
         }
         let fresh_keyring = created || (kstate.mark == 0 && kstate.audit_entries == 0);
-        if !dbpath.exists() && !fresh_keyring {
+        if !data_existed && !fresh_keyring {
             // A used keyring and no data: this keyring belongs to data
             // elsewhere (or deleted); never bind it to new, empty data.
             return Err(Error::StoreMismatch);
         }
-        // bioseal's own flusher (below) replaces sled's, so that queued audit
-        // entries and sled's log are flushed together.
-        let sled = Arc::new(storage::sled::SledBackend::open(&dir, config.cache_bytes)?);
-        let db: Arc<dyn Backend> = sled;
+        let db = db()?;
         match storage::store_id(&*db)? {
             Some(id) if id == h.store_id => {}
             Some(_) => return Err(Error::StoreMismatch),
             None if db.last(Table::Records, None)?.is_some() => return Err(Error::StoreMismatch),
             None => storage::set_store_id(&*db, &h.store_id)?,
         }
+        drop(init_lock);
         let audit = AuditLog::open(db.clone(), keyring.audit_key())?;
         let flusher = match config.durability {
             Durability::Immediate => None,
@@ -497,9 +449,9 @@ impl Store {
         &*self.db
     }
 
-    /// The store's directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    /// The store's data directory (embedded mode; `None` in shared mode).
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
     }
 
     /// Make everything written so far durable: queued audit entries into
@@ -568,6 +520,155 @@ impl Drop for Store {
         let _ = self.flush();
         self.db.close();
     }
+}
+
+/// What a backend's part of [`Store::open`] found.
+struct Opened {
+    dir: Option<PathBuf>,
+    keyring: Keyring,
+    /// Whether the keyring was created by this open.
+    created: bool,
+    /// Opens the data (sled only after the keyring checks passed).
+    db: Box<dyn FnOnce() -> Result<Arc<dyn Backend>>>,
+    /// Whether data existed before this open.
+    data_existed: bool,
+    /// Shared mode: held until the store id is bound (store creation is
+    /// serialised across replicas).
+    init_lock: Option<storage::RemoteLock>,
+}
+
+/// Embedded mode: the data directory, the key directory and the keyring
+/// file in it.
+fn open_embedded(
+    config: &StoreConfig,
+    model_id: &str,
+    dim: usize,
+    threshold: Option<Threshold>,
+) -> Result<Opened> {
+    let dir = config.dir.clone();
+    if !dir.exists() {
+        let mut b = std::fs::DirBuilder::new();
+        b.recursive(true);
+        std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+        b.create(&dir)?;
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::File::open(parent)?.sync_all()?;
+        }
+    }
+    let key_dir = config.key_dir.clone().ok_or_else(|| {
+            Error::Config(
+                "no key directory (StoreConfig::key_dir): the keyring must live outside the data directory"
+                    .into(),
+            )
+        })?;
+    check_key_dir(&dir, &key_dir)?;
+    // Private before sled creates anything in it; the files inside are
+    // made private once sled has opened them (below).
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    if dir.join(LEGACY_KEYRING_FILE).exists() {
+        return Err(Error::LegacyLayout(format!(
+            "{} holds its keyring inside the data directory, where every copy of the data \
+                 carries it; this version keeps it in a key directory with a new format: \
+                 re-create the store and enroll again",
+            dir.display()
+        )));
+    }
+    if !key_dir.exists() {
+        let mut b = std::fs::DirBuilder::new();
+        b.recursive(true);
+        std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+        b.create(&key_dir)?;
+    }
+    std::fs::set_permissions(
+        &key_dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )?;
+    let kpath = key_dir.join(KEYRING_FILE);
+    let dbpath = dir.join(DB_DIR);
+    let (keyring, created) = {
+        let root = config.key.root_key()?;
+        if kpath.exists() {
+            (Keyring::open(&kpath, &root)?, false)
+        } else if dbpath.exists() {
+            return Err(Error::KeyUnavailable {
+                    what: "the keyring file is missing from the key directory; refusing to create a new one over existing data",
+                });
+        } else {
+            let t = threshold.ok_or_else(|| {
+                Error::Config("no threshold set for a new store (StoreConfig::threshold)".into())
+            })?;
+            let k = Keyring::create(
+                &kpath,
+                &root,
+                config.buckets,
+                model_id,
+                dim as u32,
+                config.clock.now().unix_secs(),
+                t.as_cosine(),
+            )?;
+            (k, true)
+        }
+    };
+    Ok(Opened {
+        data_existed: dbpath.exists(),
+        db: {
+            let (dir, cache) = (dir.clone(), config.cache_bytes);
+            Box::new(move || {
+                let db: Arc<dyn Backend> = Arc::new(storage::sled::SledBackend::open(&dir, cache)?);
+                Ok(db)
+            })
+        },
+        dir: Some(dir),
+        keyring,
+        created,
+        init_lock: None,
+    })
+}
+
+/// Shared mode: the database at `url`, its schema, and the keyring rows
+/// in it (created under the creation lock if missing).
+#[cfg(feature = "postgres")]
+fn open_shared(
+    config: &StoreConfig,
+    url: &str,
+    model_id: &str,
+    dim: usize,
+    threshold: Option<Threshold>,
+) -> Result<Opened> {
+    use storage::postgres::{PgBackend, PgMedium};
+    let pg = PgBackend::connect(url, config.pool_size)?;
+    let init = pg.lock_init()?;
+    let medium = Arc::new(PgMedium::new(pg.clone()));
+    let root = config.key.root_key()?;
+    let (keyring, created) = if medium.exists()? {
+        (Keyring::load(medium, &root)?, false)
+    } else {
+        let t = threshold.ok_or_else(|| {
+            Error::Config("no threshold set for a new store (StoreConfig::threshold)".into())
+        })?;
+        let image = Keyring::image(
+            &root,
+            config.buckets,
+            model_id,
+            dim as u32,
+            config.clock.now().unix_secs(),
+            t.as_cosine(),
+        )?;
+        medium.create(&image)?;
+        (Keyring::load(medium, &root)?, true)
+    };
+    pg.set_namespace(&keyring.header().store_id);
+    Ok(Opened {
+        dir: None,
+        keyring,
+        created,
+        data_existed: !created,
+        db: Box::new(move || {
+            let db: Arc<dyn Backend> = pg;
+            Ok(db)
+        }),
+        init_lock: Some(init),
+    })
 }
 
 fn be_u32(v: &[u8]) -> Option<u32> {

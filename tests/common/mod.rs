@@ -7,6 +7,40 @@ use bioseal::{
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub mod pg;
+
+/// Which backend a test body runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Embedded: sled in a directory.
+    Sled,
+    /// Shared: a fresh database on the test PostgreSQL server.
+    Postgres,
+}
+
+/// Run test body `$name(Kind)` on both backends: `$name::sled` and
+/// `$name::postgres` (skipped with a notice only under
+/// `BIOSEAL_NO_POSTGRES=1`).
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[test]
+                fn sled() {
+                    super::$name($crate::common::Kind::Sled)
+                }
+                #[test]
+                fn postgres() {
+                    if !$crate::common::pg::skipped(stringify!($name)) {
+                        super::$name($crate::common::Kind::Postgres)
+                    }
+                }
+            }
+        )*
+    };
+}
+
 pub const DIM: usize = 128;
 pub const MODEL: &str = "test-model";
 /// Start of every test clock: 2026-01-01.
@@ -48,6 +82,9 @@ impl Rng {
 
 /// A store under test: its data dir, root key dir and manual clock.
 pub struct Fixture {
+    pub kind: Kind,
+    /// Shared mode: the database's URL.
+    pub url: Option<String>,
     pub data: tempfile::TempDir,
     pub secrets: tempfile::TempDir,
     pub clock: ManualClock,
@@ -56,11 +93,18 @@ pub struct Fixture {
 
 impl Fixture {
     pub fn new(buckets: u32) -> Self {
+        Fixture::with(Kind::Sled, buckets)
+    }
+
+    /// A fixture on backend `kind` (a fresh database for PostgreSQL).
+    pub fn with(kind: Kind, buckets: u32) -> Self {
         let secrets = tempfile::tempdir().expect("tempdir");
         RootKey::from_bytes([0x5a; 32])
             .write_new_file(secrets.path().join("root.key"))
             .expect("write key");
         Fixture {
+            kind,
+            url: (kind == Kind::Postgres).then(pg::fresh_database),
             data: tempfile::tempdir().expect("tempdir"),
             secrets,
             clock: ManualClock::new(Timestamp::from_unix_secs(T0)),
@@ -81,8 +125,12 @@ impl Fixture {
             .clock(self.clock.clone())
     }
 
+    /// The store's configuration: the data directory, or the database.
     pub fn config(&self) -> StoreConfig {
-        self.config_at(self.data.path())
+        match &self.url {
+            Some(url) => self.config_at(Path::new(url)),
+            None => self.config_at(self.data.path()),
+        }
     }
 
     pub fn open(&self) -> Store {

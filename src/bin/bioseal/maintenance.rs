@@ -91,7 +91,9 @@ pub(crate) fn stats(cli: &Cli) -> R<u8> {
     if let Some(src) = &settings.calibration_source {
         println!("calibrated from   {src}");
     }
-    println!("disk use          {} bytes", disk_use(store.dir()));
+    if let Some(dir) = store.dir() {
+        println!("disk use          {} bytes", disk_use(dir));
+    }
     Ok(0)
 }
 

@@ -1,0 +1,605 @@
+//! The shared backend: PostgreSQL, for many service replicas on one
+//! database (feature `postgres`).
+//!
+//! Schema `bioseal` (version [`SCHEMA_VERSION`], in `bioseal.schema`):
+//! one table per [`Table`] (`k bytea primary key, v bytea`), and
+//! `bioseal.keyring (part int primary key, v bytea)`: the keyring image of
+//! `crate::crypto::keyring` cut into 128-byte units (header, the two state
+//! copies, every KEK slot), each sealed or MACed under keys derived from
+//! the root key, as in the keyring file. Nothing here is readable without
+//! the root key.
+//!
+//! Every write is one statement (one round trip, atomic); PostgreSQL makes
+//! a commit durable before it returns (`synchronous_commit` on, the
+//! default), so [`Backend::flush`] has nothing left to do. Bucket locks are
+//! session advisory locks (`pg_advisory_lock(namespace, bucket)`, the
+//! namespace taken from the store id), taken for a set of buckets in one
+//! round trip and in ascending order; while a thread holds them, its
+//! queries go over the same connection. A replica killed with its locks
+//! held loses its session, and PostgreSQL releases them.
+//!
+//! Queries use `query_typed` (parameters typed by the client): one round
+//! trip each, no prepare step.
+
+use super::{Backend, RemoteLock, Row, Table, Visit, Writes};
+use crate::error::{Error, Result};
+use postgres::types::{ToSql, Type};
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The schema version this code creates and reads.
+pub const SCHEMA_VERSION: i32 = 1;
+/// Rows a scan fetches per round trip.
+const PAGE: i64 = 1024;
+/// Advisory-lock namespace of store creation (before any store id exists).
+const INIT_NAMESPACE: i32 = 0x6269_6f73; // "bios"
+/// Lock "bucket" of the keyring state (buckets are 0..65536).
+pub(crate) const STATE_LOCK: i32 = -1;
+
+/// A pooled connection. `broken` is set when a statement failed in a way
+/// that may leave session state (advisory locks) behind: the pool then
+/// closes the connection instead of reusing it.
+pub(crate) struct Conn {
+    client: postgres::Client,
+    broken: bool,
+}
+
+struct Manager {
+    config: postgres::Config,
+}
+
+impl r2d2::ManageConnection for Manager {
+    type Connection = Conn;
+    type Error = postgres::Error;
+
+    fn connect(&self) -> std::result::Result<Conn, postgres::Error> {
+        Ok(Conn {
+            client: self.config.connect(postgres::NoTls)?,
+            broken: false,
+        })
+    }
+
+    fn is_valid(&self, conn: &mut Conn) -> std::result::Result<(), postgres::Error> {
+        conn.client.simple_query("").map(|_| ())
+    }
+
+    fn has_broken(&self, conn: &mut Conn) -> bool {
+        conn.broken || conn.client.is_closed()
+    }
+}
+
+type Pooled = r2d2::PooledConnection<Manager>;
+
+/// A thread's connection while it holds advisory locks of a backend.
+struct Held {
+    backend: usize,
+    conn: Pooled,
+    /// Lock guards of this backend alive on this thread.
+    depth: usize,
+}
+
+thread_local! {
+    static HELD: RefCell<Vec<Held>> = const { RefCell::new(Vec::new()) };
+}
+
+static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
+
+/// The PostgreSQL backend.
+pub(crate) struct PgBackend {
+    id: usize,
+    pool: r2d2::Pool<Manager>,
+    /// `user@host:port/dbname`: no password, ever.
+    name: String,
+    /// Advisory-lock namespace (from the store id; set once the keyring is
+    /// open).
+    namespace: std::sync::atomic::AtomicI32,
+    /// Per table: get, scan page, last, last at.
+    sql: [TableSql; 4],
+    apply_sql: String,
+}
+
+struct TableSql {
+    get: String,
+    page: String,
+    last: String,
+    last_at: String,
+}
+
+impl TableSql {
+    fn new(t: Table) -> TableSql {
+        let n = format!("bioseal.{}", t.name());
+        TableSql {
+            get: format!("SELECT v FROM {n} WHERE k = $1"),
+            page: format!(
+                "SELECT k, v FROM {n} WHERE k >= $1 AND ($2::bytea IS NULL OR k < $2) \
+                 AND ($3::bytea IS NULL OR k > $3) ORDER BY k LIMIT $4"
+            ),
+            last: format!("SELECT k, v FROM {n} ORDER BY k DESC LIMIT 1"),
+            last_at: format!("SELECT k, v FROM {n} WHERE k <= $1 ORDER BY k DESC LIMIT 1"),
+        }
+    }
+}
+
+/// `user@host:port/dbname` of a connection string, without its password.
+pub(crate) fn describe(config: &postgres::Config) -> String {
+    let host = match config.get_hosts().first() {
+        Some(postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "postgresql://{}@{host}:{port}/{}",
+        config.get_user().unwrap_or(""),
+        config.get_dbname().unwrap_or("")
+    )
+}
+
+impl PgBackend {
+    /// Connect to the database at `url` with up to `pool_size` connections,
+    /// and create the schema if it is missing. Errors name the host and
+    /// port, never the password.
+    pub(crate) fn connect(url: &str, pool_size: u32) -> Result<Arc<PgBackend>> {
+        let config: postgres::Config = url.parse().map_err(|e: postgres::Error| {
+            // The message of a parse error quotes no part of the URL.
+            Error::Config(format!("not a PostgreSQL URL: {e}"))
+        })?;
+        let name = describe(&config);
+        let mut config = config;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(5));
+        }
+        let pool = r2d2::Pool::builder()
+            .max_size(pool_size.max(2))
+            .min_idle(Some(0))
+            .test_on_check_out(false)
+            .connection_timeout(Duration::from_secs(10))
+            .error_handler(Box::new(r2d2::NopErrorHandler))
+            .build_unchecked(Manager { config });
+        let sql = Table::ALL.map(TableSql::new);
+        let tables = Table::ALL.map(|t| format!("bioseal.{}", t.name()));
+        let mut apply_sql = String::from("WITH ");
+        for (i, n) in tables.iter().enumerate() {
+            let (d, k, v) = (3 * i + 1, 3 * i + 2, 3 * i + 3);
+            apply_sql.push_str(&format!(
+                "d{i} AS (DELETE FROM {n} WHERE k = ANY(${d})), \
+                 i{i} AS (INSERT INTO {n} (k, v) SELECT * FROM unnest(${k}::bytea[], ${v}::bytea[]) \
+                 ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v), "
+            ));
+        }
+        apply_sql.push_str("z AS (SELECT 1) SELECT 1");
+        let pg = Arc::new(PgBackend {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            pool,
+            name,
+            namespace: std::sync::atomic::AtomicI32::new(INIT_NAMESPACE),
+            sql,
+            apply_sql,
+        });
+        pg.create_schema()?;
+        Ok(pg)
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> Error {
+        Error::Storage(format!("{}: {e}", self.name))
+    }
+
+    /// Run `f` on this thread's locked connection, or on one from the pool.
+    /// A failed statement marks the connection broken (closed by the pool).
+    fn with_conn<R>(
+        &self,
+        f: impl FnOnce(&mut postgres::Client) -> std::result::Result<R, postgres::Error>,
+    ) -> Result<R> {
+        let mut f = Some(f);
+        let held = HELD.with(|h| {
+            let mut h = h.borrow_mut();
+            let x = h.iter_mut().find(|x| x.backend == self.id)?;
+            let f = f.take()?;
+            let r = f(&mut x.conn.client);
+            if r.is_err() {
+                x.conn.broken = true;
+            }
+            Some(r)
+        });
+        let r = match (held, f) {
+            (Some(r), _) => r,
+            (None, Some(f)) => {
+                let mut conn = self.pool.get().map_err(|e| self.err(e))?;
+                let r = f(&mut conn.client);
+                if r.is_err() {
+                    conn.broken = true;
+                }
+                r
+            }
+            (None, None) => return Err(self.err("no connection")),
+        };
+        r.map_err(|e| self.err(pg_message(&e)))
+    }
+
+    fn create_schema(&self) -> Result<()> {
+        let found = self.with_conn(|c| {
+            let mut tx = c.transaction()?;
+            tx.execute("SELECT pg_advisory_xact_lock($1, 0)", &[&INIT_NAMESPACE])?;
+            tx.batch_execute(
+                "CREATE SCHEMA IF NOT EXISTS bioseal;
+                 CREATE TABLE IF NOT EXISTS bioseal.schema (version int NOT NULL);",
+            )?;
+            let found: Option<i32> = tx
+                .query_opt("SELECT max(version) FROM bioseal.schema", &[])?
+                .and_then(|r| r.get(0));
+            if found.is_none() {
+                let mut ddl = String::new();
+                for t in Table::ALL {
+                    ddl.push_str(&format!(
+                        "CREATE TABLE bioseal.{} (k bytea PRIMARY KEY, v bytea NOT NULL);",
+                        t.name()
+                    ));
+                }
+                ddl.push_str(
+                    "CREATE TABLE bioseal.keyring (part int PRIMARY KEY, v bytea NOT NULL);",
+                );
+                tx.batch_execute(&ddl)?;
+                tx.execute("INSERT INTO bioseal.schema VALUES ($1)", &[&SCHEMA_VERSION])?;
+            }
+            tx.commit()?;
+            Ok(found)
+        })?;
+        match found {
+            Some(v) if v > SCHEMA_VERSION => Err(Error::SchemaVersion {
+                found: v,
+                supported: SCHEMA_VERSION,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Set the advisory-lock namespace from the store id.
+    pub(crate) fn set_namespace(&self, store_id: &[u8; 16]) {
+        let ns = i32::from_be_bytes([store_id[0], store_id[1], store_id[2], store_id[3]]);
+        // Never the creation lock's namespace.
+        let ns = if ns == INIT_NAMESPACE { ns ^ 1 } else { ns };
+        self.namespace.store(ns, Ordering::Relaxed);
+    }
+
+    /// Take advisory locks `keys` (ascending) in the current namespace on
+    /// this thread's connection (checked out and kept while locks are held).
+    pub(crate) fn lock_keys(&self, keys: &[i32]) -> Result<RemoteLock> {
+        self.lock_in(self.namespace.load(Ordering::Relaxed), keys)
+    }
+
+    /// Serialise store creation across replicas.
+    pub(crate) fn lock_init(&self) -> Result<RemoteLock> {
+        self.lock_in(INIT_NAMESPACE, &[1])
+    }
+
+    fn lock_in(&self, ns: i32, keys: &[i32]) -> Result<RemoteLock> {
+        let has = HELD.with(|h| h.borrow().iter().any(|x| x.backend == self.id));
+        if !has {
+            let conn = self.pool.get().map_err(|e| self.err(e))?;
+            HELD.with(|h| {
+                h.borrow_mut().push(Held {
+                    backend: self.id,
+                    conn,
+                    depth: 0,
+                })
+            });
+        }
+        HELD.with(|h| {
+            if let Some(x) = h.borrow_mut().iter_mut().find(|x| x.backend == self.id) {
+                x.depth += 1;
+            }
+        });
+        // From here the guard releases what was taken, even on error.
+        let guard = PgLock {
+            backend: self.id,
+            ns,
+            keys: keys.to_vec(),
+        };
+        let keys = keys.to_vec();
+        self.with_conn(|c| {
+            c.query_typed(
+                "SELECT count(*) FROM (SELECT pg_advisory_lock($1, b) FROM unnest($2::int4[]) \
+                 WITH ORDINALITY AS u(b, i) ORDER BY i) s",
+                &[(&ns, Type::INT4), (&keys, Type::INT4_ARRAY)],
+            )
+        })?;
+        Ok(Box::new(guard))
+    }
+}
+
+/// Release advisory locks `keys` of backend `id` taken on this thread.
+fn unlock(id: usize, ns: i32, keys: &[i32]) {
+    HELD.with(|h| {
+            let mut h = h.borrow_mut();
+            let Some(i) = h.iter().position(|x| x.backend == id) else {
+                return;
+            };
+            let x = &mut h[i];
+            let keys = keys.to_vec();
+            let r = x.conn.client.query_typed(
+                "SELECT count(*) FROM (SELECT pg_advisory_unlock($1, b) FROM unnest($2::int4[]) AS b) s",
+                &[(&ns, Type::INT4), (&keys, Type::INT4_ARRAY)],
+            );
+            if r.is_err() {
+                // Locks may be left on the session: never reuse it.
+                x.conn.broken = true;
+            }
+            x.depth = x.depth.saturating_sub(1);
+            if x.depth == 0 {
+                h.swap_remove(i);
+            }
+        });
+}
+
+impl PgBackend {
+    /// Read keyring units `parts` (missing ones are absent from the result).
+    pub(crate) fn keyring_parts(&self, parts: &[i32]) -> Result<Vec<(i32, Vec<u8>)>> {
+        let parts = parts.to_vec();
+        self.with_conn(|c| {
+            c.query_typed(
+                "SELECT part, v FROM bioseal.keyring WHERE part = ANY($1) ORDER BY part",
+                &[(&parts, Type::INT4_ARRAY)],
+            )
+        })
+        .map(|rows| rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Every keyring unit, in order.
+    pub(crate) fn keyring_all(&self) -> Result<Vec<(i32, Vec<u8>)>> {
+        self.with_conn(|c| c.query_typed("SELECT part, v FROM bioseal.keyring ORDER BY part", &[]))
+            .map(|rows| rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Write keyring units in one statement (insert or overwrite).
+    pub(crate) fn keyring_write(&self, units: &[(i32, Vec<u8>)]) -> Result<()> {
+        let parts: Vec<i32> = units.iter().map(|u| u.0).collect();
+        let vals: Vec<&[u8]> = units.iter().map(|u| u.1.as_slice()).collect();
+        self.with_conn(|c| {
+            c.query_typed(
+                "INSERT INTO bioseal.keyring (part, v) SELECT * FROM unnest($1::int4[], $2::bytea[]) \
+                 ON CONFLICT (part) DO UPDATE SET v = EXCLUDED.v",
+                &[(&parts, Type::INT4_ARRAY), (&vals, Type::BYTEA_ARRAY)],
+            )
+        })
+        .map(|_| ())
+    }
+}
+
+/// A PostgreSQL error's message: the server's own text (no connection
+/// string is ever part of it).
+fn pg_message(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.severity(), db.message()),
+        None => e.to_string(),
+    }
+}
+
+/// Held advisory locks; released (on the thread that took them) on drop.
+struct PgLock {
+    backend: usize,
+    ns: i32,
+    keys: Vec<i32>,
+}
+
+impl Drop for PgLock {
+    fn drop(&mut self) {
+        unlock(self.backend, self.ns, &self.keys);
+    }
+}
+
+impl Backend for PgBackend {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let sql = &self.sql[table as usize].get;
+        self.with_conn(|c| c.query_typed(sql, &[(&key, Type::BYTEA)]))
+            .map(|rows| rows.first().map(|r| r.get(0)))
+    }
+
+    fn scan(
+        &self,
+        table: Table,
+        from: &[u8],
+        to: Option<&[u8]>,
+        visit: &mut Visit<'_>,
+    ) -> Result<()> {
+        let sql = &self.sql[table as usize].page;
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            // A page at a time, so that the visitor may use the backend.
+            let rows = self.with_conn(|c| {
+                c.query_typed(
+                    sql,
+                    &[
+                        (&from, Type::BYTEA),
+                        (&to, Type::BYTEA),
+                        (&after, Type::BYTEA),
+                        (&PAGE, Type::INT8),
+                    ],
+                )
+            })?;
+            for r in &rows {
+                let (k, v): (&[u8], &[u8]) = (r.get(0), r.get(1));
+                if !visit(k, v)? {
+                    return Ok(());
+                }
+            }
+            if (rows.len() as i64) < PAGE {
+                return Ok(());
+            }
+            after = rows.last().map(|r| r.get::<_, Vec<u8>>(0));
+        }
+    }
+
+    fn last(&self, table: Table, at: Option<&[u8]>) -> Result<Option<Row>> {
+        let s = &self.sql[table as usize];
+        let rows = match at {
+            None => self.with_conn(|c| c.query_typed(&s.last, &[]))?,
+            Some(at) => self.with_conn(|c| c.query_typed(&s.last_at, &[(&at, Type::BYTEA)]))?,
+        };
+        Ok(rows.first().map(|r| (r.get(0), r.get(1))))
+    }
+
+    fn apply(&self, writes: Writes, _atomic: bool) -> Result<()> {
+        // One statement: atomic whether asked or not. Later writes to a key
+        // win, as they would applied in order.
+        let mut last: std::collections::HashMap<(Table, Vec<u8>), Option<Vec<u8>>> =
+            std::collections::HashMap::new();
+        for (t, k, v) in writes.0 {
+            last.insert((t, k), v);
+        }
+        if last.is_empty() {
+            return Ok(());
+        }
+        let mut dels: [Vec<Vec<u8>>; 4] = Default::default();
+        let mut keys: [Vec<Vec<u8>>; 4] = Default::default();
+        let mut vals: [Vec<Vec<u8>>; 4] = Default::default();
+        for ((t, k), v) in last {
+            match v {
+                None => dels[t as usize].push(k),
+                Some(v) => {
+                    keys[t as usize].push(k);
+                    vals[t as usize].push(v);
+                }
+            }
+        }
+        let mut params: Vec<(&(dyn ToSql + Sync), Type)> = Vec::with_capacity(12);
+        for i in 0..4 {
+            params.push((&dels[i], Type::BYTEA_ARRAY));
+            params.push((&keys[i], Type::BYTEA_ARRAY));
+            params.push((&vals[i], Type::BYTEA_ARRAY));
+        }
+        self.with_conn(|c| c.query_typed(&self.apply_sql, &params))
+            .map(|_| ())
+    }
+
+    fn flush(&self) -> Result<()> {
+        // Every apply committed durably before it returned.
+        Ok(())
+    }
+
+    fn lock_buckets(&self, buckets: &[u32]) -> Result<Option<RemoteLock>> {
+        let keys: Vec<i32> = buckets
+            .iter()
+            .map(|&b| i32::try_from(b).map_err(|_| Error::tampered("bucket index")))
+            .collect::<Result<_>>()?;
+        self.lock_keys(&keys).map(Some)
+    }
+
+    fn raise_mark(&self, value: &[u8]) -> Result<()> {
+        let key = super::mark_key();
+        self.with_conn(|c| {
+            c.query_typed(
+                "INSERT INTO bioseal.meta (k, v) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE \
+                 SET v = EXCLUDED.v WHERE substring(bioseal.meta.v from 1 for 8) < substring(EXCLUDED.v from 1 for 8)",
+                &[(&key, Type::BYTEA), (&value, Type::BYTEA)],
+            )
+        })
+        .map(|_| ())
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+}
+
+/// Unit of the keyring image in `bioseal.keyring` (one row each).
+const UNIT: usize = 128;
+
+/// The keyring image in `bioseal.keyring`, one row per 128-byte unit.
+/// Writes are kept until `sync`, which writes them in one statement.
+pub(crate) struct PgMedium {
+    pg: Arc<PgBackend>,
+    pending: std::sync::Mutex<std::collections::BTreeMap<i32, Vec<u8>>>,
+}
+
+impl PgMedium {
+    pub(crate) fn new(pg: Arc<PgBackend>) -> PgMedium {
+        PgMedium {
+            pg,
+            pending: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+        }
+    }
+
+    /// Whether the database holds a keyring.
+    pub(crate) fn exists(&self) -> Result<bool> {
+        Ok(!self.pg.keyring_parts(&[0])?.is_empty())
+    }
+
+    /// Write a new image (in one statement).
+    pub(crate) fn create(&self, image: &[u8]) -> Result<()> {
+        self.pg.keyring_write(&units(0, image)?)
+    }
+}
+
+/// `bytes` at offset `off` as whole units.
+fn units(off: u64, bytes: &[u8]) -> Result<Vec<(i32, Vec<u8>)>> {
+    let bad = || Error::tampered("keyring write (not whole 128-byte units)");
+    if off as usize % UNIT != 0 || bytes.len() % UNIT != 0 {
+        return Err(bad());
+    }
+    let first = i32::try_from(off as usize / UNIT).map_err(|_| bad())?;
+    Ok(bytes
+        .chunks(UNIT)
+        .zip(first..)
+        .map(|(c, p)| (p, c.to_vec()))
+        .collect())
+}
+
+impl crate::crypto::keyring::Medium for PgMedium {
+    fn read_all(&self) -> Result<Vec<u8>> {
+        let rows = self.pg.keyring_all()?;
+        let mut out = Vec::with_capacity(rows.len() * UNIT);
+        for (i, (part, v)) in rows.into_iter().enumerate() {
+            if part as usize != i || v.len() != UNIT {
+                return Err(Error::tampered("keyring rows"));
+            }
+            out.extend_from_slice(&v);
+        }
+        Ok(out)
+    }
+
+    fn read_at(&self, off: u64, len: usize) -> Result<Vec<u8>> {
+        let want = units(off, &vec![0u8; len])?;
+        let parts: Vec<i32> = want.iter().map(|u| u.0).collect();
+        let rows = self.pg.keyring_parts(&parts)?;
+        if rows.len() != parts.len()
+            || rows
+                .iter()
+                .zip(&parts)
+                .any(|((p, v), q)| p != q || v.len() != UNIT)
+        {
+            return Err(Error::tampered("keyring rows"));
+        }
+        Ok(rows.into_iter().flat_map(|(_, v)| v).collect())
+    }
+
+    fn write_at(&self, off: u64, bytes: &[u8]) -> Result<()> {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        for (part, v) in units(off, bytes)? {
+            p.insert(part, v);
+        }
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<()> {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if p.is_empty() {
+            return Ok(());
+        }
+        let all: Vec<(i32, Vec<u8>)> = std::mem::take(&mut *p).into_iter().collect();
+        self.pg.keyring_write(&all)
+    }
+
+    fn lock_state(&self) -> Result<Option<RemoteLock>> {
+        self.pg.lock_keys(&[STATE_LOCK]).map(Some)
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,190 @@
+//! A real PostgreSQL server for the shared-mode tests.
+//!
+//! `BIOSEAL_TEST_PG_HOST` names the socket directory of a server already
+//! running (user `postgres`, trust authentication), as `.ci/run` starts
+//! one for the whole suite. Without it, the first test that needs a server
+//! starts one for this test binary: `initdb` into a temporary directory and
+//! `postgres` on a Unix socket there, as the `postgres` user when run as
+//! root (the server refuses root), fsync on. A watchdog stops it and
+//! removes the directory when the test binary exits.
+//!
+//! No server binaries (`/usr/lib/postgresql/*/bin`): the shared-mode tests
+//! fail with a message saying so, unless `BIOSEAL_NO_POSTGRES=1` asks to
+//! skip them (then each prints a notice).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The socket directory of the test server.
+pub fn host() -> &'static Path {
+    static HOST: OnceLock<PathBuf> = OnceLock::new();
+    HOST.get_or_init(|| match std::env::var_os("BIOSEAL_TEST_PG_HOST") {
+        Some(h) => PathBuf::from(h),
+        None => start(),
+    })
+}
+
+/// Whether shared-mode tests are to be skipped (`BIOSEAL_NO_POSTGRES=1`).
+pub fn skipped(test: &str) -> bool {
+    if std::env::var_os("BIOSEAL_NO_POSTGRES").is_some_and(|v| v == "1") {
+        eprintln!("NOTICE: {test}: skipped on PostgreSQL (BIOSEAL_NO_POSTGRES=1)");
+        return true;
+    }
+    false
+}
+
+/// The URL of database `db` on the test server.
+pub fn url(db: &str) -> String {
+    format!(
+        "postgresql://postgres@localhost/{db}?host={}",
+        host().display()
+    )
+}
+
+/// A new, empty database on the test server; returns its URL.
+pub fn fresh_database() -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let name = format!(
+        "t_{}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0)
+    );
+    let mut c = admin();
+    c.batch_execute(&format!("CREATE DATABASE {name}"))
+        .expect("create database");
+    url(&name)
+}
+
+/// A client on the server's `postgres` database.
+pub fn admin() -> postgres::Client {
+    postgres::Client::connect(&url("postgres"), postgres::NoTls).expect("connect to test server")
+}
+
+/// A client on the database of `url`.
+pub fn client(url: &str) -> postgres::Client {
+    postgres::Client::connect(url, postgres::NoTls).expect("connect")
+}
+
+fn bin_dir() -> PathBuf {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+                .collect()
+        })
+        .unwrap_or_default();
+    dirs.retain(|d| d.join("postgres").exists());
+    dirs.sort();
+    dirs.pop().unwrap_or_else(|| {
+        panic!(
+            "no PostgreSQL server binaries under /usr/lib/postgresql/*/bin: install the \
+             postgresql package, or set BIOSEAL_NO_POSTGRES=1 to skip the shared-mode tests"
+        )
+    })
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// Run `cmd` (a shell command line) as the server's user.
+fn as_server_user(cmd: &str) -> Command {
+    let mut c;
+    if is_root() {
+        c = Command::new("runuser");
+        c.args(["-u", "postgres", "--", "sh", "-c", cmd]);
+    } else {
+        c = Command::new("sh");
+        c.args(["-c", cmd]);
+    }
+    c
+}
+
+/// Start a server for this test binary; returns its socket directory.
+fn start() -> PathBuf {
+    let bin = bin_dir();
+    let dir = tempfile::Builder::new()
+        .prefix("bioseal-pg")
+        .tempdir()
+        .expect("tempdir")
+        .keep();
+    let (data, sock) = (dir.join("data"), dir.join("s"));
+    std::fs::create_dir(&sock).expect("socket dir");
+    if is_root() {
+        for p in [&dir, &sock] {
+            let ok = Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(p)
+                .status()
+                .expect("chown");
+            assert!(ok.success(), "chown {} to postgres", p.display());
+        }
+    }
+    let init = as_server_user(&format!(
+        "{}/initdb -D {} -A trust -U postgres --no-sync >/dev/null",
+        bin.display(),
+        data.display()
+    ))
+    .status()
+    .expect("initdb");
+    assert!(init.success(), "initdb failed");
+    // The server runs until this test binary exits; then the watchdog
+    // stops it (fast shutdown) and removes the directory.
+    let server = format!(
+        "{}/postgres -D {} -k {} -c listen_addresses= -c fsync=on -c max_connections=300 \
+         -c shared_buffers=64MB",
+        bin.display(),
+        data.display(),
+        sock.display()
+    );
+    let watchdog = format!(
+        "exec {server} >{dir}/log 2>&1 & s=$!; while [ -d /proc/{pid} ]; do sleep 0.5; done; \
+         kill -INT $s; while [ -d /proc/$s ]; do sleep 0.2; done; rm -rf {dir}",
+        dir = dir.display(),
+        pid = std::process::id()
+    );
+    let watchdog = if is_root() {
+        format!(
+            "runuser -u postgres -- sh -c '{}'",
+            watchdog.replace('\'', "'\\''")
+        )
+    } else {
+        watchdog
+    };
+    // Kept for the life of the test binary; the watchdog outlives it.
+    static WATCHDOG: std::sync::Mutex<Option<std::process::Child>> = std::sync::Mutex::new(None);
+    let child = Command::new("sh")
+        .args(["-c", &watchdog])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start postgres");
+    *WATCHDOG.lock().unwrap_or_else(|e| e.into_inner()) = Some(child);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let url = format!(
+        "postgresql://postgres@localhost/postgres?host={}",
+        sock.display()
+    );
+    loop {
+        match postgres::Client::connect(&url, postgres::NoTls) {
+            Ok(_) => break,
+            Err(e) if Instant::now() > deadline => {
+                let log = std::fs::read_to_string(dir.join("log")).unwrap_or_default();
+                panic!("test PostgreSQL did not start: {e}\n{log}");
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+    sock
+}
