@@ -22,8 +22,8 @@ fn fail(store: &Store, f: &Fixture, impostor: &[f32]) {
 }
 
 /// Drive a subject to the hard limit and check every step on the way.
-fn check_limits(pad: bool, soft: u32, hard: u32) {
-    let f = Fixture::new(8);
+fn check_limits(k: Kind, pad: bool, soft: u32, hard: u32) {
+    let f = Fixture::with(k, 8);
     let store = Store::open(f.config().presentation_attack_detection(pad)).expect("open");
     let mut rng = Rng(11);
     let v = rng.unit(DIM);
@@ -92,19 +92,16 @@ fn check_limits(pad: bool, soft: u32, hard: u32) {
     assert_eq!(resets, 1);
 }
 
-#[test]
-fn nist_limits_without_pad() {
-    check_limits(false, 5, 50);
+fn nist_limits_without_pad(k: Kind) {
+    check_limits(k, false, 5, 50);
 }
 
-#[test]
-fn nist_limits_with_pad() {
-    check_limits(true, 10, 100);
+fn nist_limits_with_pad(k: Kind) {
+    check_limits(k, true, 10, 100);
 }
 
-#[test]
-fn a_match_resets_the_count_and_counters_survive_reopen() {
-    let f = Fixture::new(8);
+fn a_match_resets_the_count_and_counters_survive_reopen(k: Kind) {
+    let f = Fixture::with(k, 8);
     let mut rng = Rng(12);
     let v = rng.unit(DIM);
     let impostor = rng.unit(DIM);
@@ -153,9 +150,8 @@ fn a_match_resets_the_count_and_counters_survive_reopen() {
 
 /// Only an audited operator reset, or revoke and a new enrollment, bring a
 /// disabled subject back; enrolling over it is refused.
-#[test]
-fn a_disabled_subject_comes_back_only_by_reset_or_revoke() {
-    let f = Fixture::new(8);
+fn a_disabled_subject_comes_back_only_by_reset_or_revoke(k: Kind) {
+    let f = Fixture::with(k, 8);
     let store = f.open();
     let mut rng = Rng(13);
     let v = rng.unit(DIM);
@@ -201,9 +197,8 @@ fn a_disabled_subject_comes_back_only_by_reset_or_revoke() {
 /// The lockout is checked before the purpose: a locked-out subject answers
 /// `LockedOut` (or `VerificationDisabled`) for every purpose, consented or
 /// not, so the purpose answer cannot be probed while locked.
-#[test]
-fn the_lockout_is_checked_before_the_purpose() {
-    let f = Fixture::new(8);
+fn the_lockout_is_checked_before_the_purpose(k: Kind) {
+    let f = Fixture::with(k, 8);
     let store = f.open();
     let mut rng = Rng(14);
     let (v, impostor) = (rng.unit(DIM), rng.unit(DIM));
@@ -226,3 +221,11 @@ fn the_lockout_is_checked_before_the_purpose() {
         Err(Error::VerificationDisabled)
     ));
 }
+
+on_both_backends!(nist_limits_without_pad, nist_limits_with_pad);
+
+on_both_backends!(
+    a_match_resets_the_count_and_counters_survive_reopen,
+    a_disabled_subject_comes_back_only_by_reset_or_revoke,
+    the_lockout_is_checked_before_the_purpose,
+);

@@ -4,9 +4,8 @@ mod common;
 use bioseal::{Consent, Decision, Error, Purpose, Store, Withdrawal};
 use common::*;
 
-#[test]
-fn expiry_at_the_exact_boundary() {
-    let f = Fixture::new(8);
+fn expiry_at_the_exact_boundary(k: Kind) {
+    let f = Fixture::with(k, 8);
     let store = f.open();
     let v = Rng(1).unit(DIM);
     let expiry = f.now().saturating_add(DAY * 10);
@@ -35,9 +34,8 @@ fn expiry_at_the_exact_boundary() {
     assert_eq!(store.stats().expect("stats").subjects, 0);
 }
 
-#[test]
-fn inactivity_deadline_moves_with_each_match() {
-    let f = Fixture::new(8);
+fn inactivity_deadline_moves_with_each_match(k: Kind) {
+    let f = Fixture::with(k, 8);
     let store = Store::open(f.config().max_inactivity(DAY * 30)).expect("open");
     let v = Rng(2).unit(DIM);
     store
@@ -78,9 +76,8 @@ fn inactivity_deadline_moves_with_each_match() {
     assert!(matches!(store.consent_status("s"), Err(Error::NotEnrolled)));
 }
 
-#[test]
-fn sweep_destroys_exactly_the_due_subjects_and_visits_only_them() {
-    let f = Fixture::new(16);
+fn sweep_destroys_exactly_the_due_subjects_and_visits_only_them(k: Kind) {
+    let f = Fixture::with(k, 16);
     // The clock moves 55 and 40 days at a time here: allow it.
     let store = Store::open(
         f.config()
@@ -146,9 +143,8 @@ fn sweep_destroys_exactly_the_due_subjects_and_visits_only_them() {
     assert_eq!((expires, sweeps), (59, 4));
 }
 
-#[test]
-fn withdrawing_the_last_purpose_revokes() {
-    let f = Fixture::new(8);
+fn withdrawing_the_last_purpose_revokes(k: Kind) {
+    let f = Fixture::with(k, 8);
     let store = f.open();
     let v = Rng(5).unit(DIM);
     let both = Consent::new([IDV, Purpose::IMPERSONATION_CHECK])
@@ -196,9 +192,8 @@ fn withdrawing_the_last_purpose_revokes() {
     );
 }
 
-#[test]
-fn renewal_extends_and_status_reports_consent_but_no_template() {
-    let f = Fixture::new(8);
+fn renewal_extends_and_status_reports_consent_but_no_template(k: Kind) {
+    let f = Fixture::with(k, 8);
     let store = f.open();
     let v = Rng(6).unit(DIM);
     store
@@ -244,9 +239,8 @@ fn renewal_extends_and_status_reports_consent_but_no_template() {
 /// several threads (as many as the machine offers, up to four): exactly the
 /// due subjects go, every other one still matches, each group rotates its
 /// own buckets, and the audit chain holds.
-#[test]
-fn a_sweep_of_several_groups_destroys_exactly_the_due_subjects() {
-    let f = Fixture::new(2048);
+fn a_sweep_of_several_groups_destroys_exactly_the_due_subjects(k: Kind) {
+    let f = Fixture::with(k, 2048);
     let store = f.open();
     let mut rng = Rng(41);
     let vecs: Vec<Vec<f32>> = (0..1500).map(|_| rng.unit(DIM)).collect();
@@ -293,9 +287,8 @@ fn a_sweep_of_several_groups_destroys_exactly_the_due_subjects() {
 /// expired subject answer `ClockJump` and destroy nothing. Reopened with the
 /// operator's confirmation (audited), the sweep goes ahead. Steps within
 /// the maximum, and the time seen in an earlier process, count as seen.
-#[test]
-fn a_forward_clock_jump_pauses_destruction_until_confirmed() {
-    let f = Fixture::new(4);
+fn a_forward_clock_jump_pauses_destruction_until_confirmed(k: Kind) {
+    let f = Fixture::with(k, 4);
     let mut rng = Rng(61);
     let (a, b) = (rng.unit(DIM), rng.unit(DIM));
     {
@@ -340,3 +333,13 @@ fn a_forward_clock_jump_pauses_destruction_until_confirmed() {
     assert_eq!(store.sweep().expect("sweep").expired, 1);
     assert_eq!(store.stats().expect("stats").subjects, 0);
 }
+
+on_both_backends!(
+    expiry_at_the_exact_boundary,
+    inactivity_deadline_moves_with_each_match,
+    sweep_destroys_exactly_the_due_subjects_and_visits_only_them,
+    withdrawing_the_last_purpose_revokes,
+    renewal_extends_and_status_reports_consent_but_no_template,
+    a_sweep_of_several_groups_destroys_exactly_the_due_subjects,
+    a_forward_clock_jump_pauses_destruction_until_confirmed,
+);
