@@ -288,13 +288,67 @@ fn entries_of(value: &[u8]) -> (Vec<RawEntry<'_>>, bool) {
     (out, true)
 }
 
+/// The next sequence number and the MAC of the last stored entry.
+fn tail(db: &dyn Backend) -> Result<(u64, [u8; 32])> {
+    Ok(match db.last(Table::Audit, None)? {
+        None => (0, [0u8; 32]),
+        Some((k, v)) => {
+            let first: [u8; 8] = k
+                .as_slice()
+                .try_into()
+                .map_err(|_| Error::AuditChainBroken { seq: 0 })?;
+            // A damaged last segment is reported by verify_chain;
+            // appending goes on after what parses, so that new events
+            // are not lost.
+            let (entries, _) = entries_of(&v);
+            let mut last = [0u8; 32];
+            if let Some((_, m)) = entries.last() {
+                last.copy_from_slice(m);
+            }
+            (
+                u64::from_be_bytes(first).saturating_add(entries.len() as u64),
+                last,
+            )
+        }
+    })
+}
+
 impl Inner {
     /// Seal, chain and write every queued entry, in order (not flushed: the
     /// caller flushes).
+    ///
+    /// Shared mode (several replicas on one database): one global sequence.
+    /// The drain takes the audit lock, continues the chain from the stored
+    /// tail (whoever wrote it), numbers its entries from there and writes
+    /// them in one statement. A failed write puts the entries back at the
+    /// front of the queue: nothing acknowledged is dropped from the log.
     pub(crate) fn drain(&self) -> Result<()> {
         let mut chain = self.chain.lock().unwrap_or_else(|e| e.into_inner());
-        let entries =
+        let mut entries =
             std::mem::take(&mut self.queue.lock().unwrap_or_else(|e| e.into_inner()).entries);
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let r = self.write_entries(&mut chain, &mut entries);
+        if r.is_err() {
+            let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            entries.append(&mut q.entries);
+            q.entries = entries;
+        }
+        r
+    }
+
+    fn write_entries(&self, chain: &mut ([u8; 32], u64), entries: &mut [AuditEntry]) -> Result<()> {
+        let _lock = self.db.lock_audit()?;
+        let mut next = *chain;
+        if self.db.shared() {
+            let (seq, mac) = tail(&*self.db)?;
+            next = (mac, seq);
+            for (i, e) in entries.iter_mut().enumerate() {
+                e.seq = seq + i as u64;
+            }
+        }
+        let mut w = Writes::default();
         for segment in entries.chunks(SEGMENT) {
             let mut value = Vec::with_capacity(segment.len() * 160);
             let nonces = crate::crypto::random_nonces(segment.len())?;
@@ -304,18 +358,19 @@ impl Inner {
                     .serialize(e)
                     .map_err(|_| Error::Config("audit entry encoding".into()))?;
                 let sealed = key.seal_with_nonce(nonce, &entry_aad(e.seq), &body)?;
-                let m = mac(&self.key, &chain.0, &sealed);
+                let m = mac(&self.key, &next.0, &sealed);
                 value.extend_from_slice(&((sealed.len() + MAC_LEN) as u32).to_be_bytes());
                 value.extend_from_slice(&sealed);
                 value.extend_from_slice(&m);
-                *chain = (m, e.seq + 1);
+                next = (m, e.seq + 1);
             }
-            // One insert per segment: no sled batch, whose write lock would
-            // stall every concurrent read.
-            let mut w = Writes::default();
+            // One insert per segment (sled: no batch, whose write lock
+            // would stall every concurrent read; PostgreSQL: one statement
+            // for all).
             w.put(Table::Audit, segment[0].seq.to_be_bytes(), Some(value));
-            self.db.apply(w, false)?;
         }
+        self.db.apply(w, false)?;
+        *chain = next;
         Ok(())
     }
 
@@ -355,27 +410,7 @@ impl AuditLog {
     }
 
     pub(crate) fn open(db: Arc<dyn Backend>, audit_key: &[u8; 32]) -> Result<Self> {
-        let (next_seq, last) = match db.last(Table::Audit, None)? {
-            None => (0, [0u8; 32]),
-            Some((k, v)) => {
-                let first: [u8; 8] = k
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| Error::AuditChainBroken { seq: 0 })?;
-                // A damaged last segment is reported by verify_chain;
-                // appending goes on after what parses, so that new events
-                // are not lost.
-                let (entries, _) = entries_of(&v);
-                let mut last = [0u8; 32];
-                if let Some((_, m)) = entries.last() {
-                    last.copy_from_slice(m);
-                }
-                (
-                    u64::from_be_bytes(first).saturating_add(entries.len() as u64),
-                    last,
-                )
-            }
-        };
+        let (next_seq, last) = tail(&*db)?;
         let mac_key = hkdf32(b"bioseal", audit_key, b"bioseal/v1/audit-mac");
         let seal_key = hkdf32(b"bioseal", audit_key, b"bioseal/v1/audit-seal");
         Ok(AuditLog {
@@ -480,10 +515,14 @@ impl AuditLog {
         }
     }
 
-    /// All entries, in order (checks decoding and sequence, not the MACs).
+    /// All entries, in time order (checks decoding and sequence, not the
+    /// MACs).
     pub fn entries(&self) -> Result<Vec<AuditEntry>> {
         let mut out = Vec::new();
         self.walk(false, |e, _| out.push(e.clone()))?;
+        // Shared mode: replicas drain in turn, so the sequence can run a
+        // little out of time order; readers get time order (stable).
+        out.sort_by_key(|e| e.time);
         Ok(out)
     }
 
@@ -506,6 +545,8 @@ impl AuditLog {
                 mac: hex(m),
             })
         })?;
+        // Time order (see `entries`); `seq` and `mac` give the chain order.
+        lines.sort_by_key(|l| l.time);
         for line in &lines {
             serde_json::to_writer(&mut out, line).map_err(|e| Error::Io(e.into()))?;
             out.write_all(b"\n")?;

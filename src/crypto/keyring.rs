@@ -699,6 +699,26 @@ impl Keyring {
         Ok(())
     }
 
+    /// Shared mode: re-read every bucket's slots and the state (for
+    /// counts over all buckets, such as `Store::stats`).
+    pub(crate) fn refresh_all(&self) -> Result<()> {
+        if !self.file.shared() {
+            return Ok(());
+        }
+        let buf = self.file.read_all()?;
+        if buf.len() != HEADER_LEN + self.header.buckets as usize * 2 * SLOT_LEN {
+            return Err(Error::tampered("keyring length"));
+        }
+        for b in 0..self.header.buckets {
+            let off = slot_offset(b, 0) as usize;
+            let keys = self.parse_bucket(b, &buf[off..off + 2 * SLOT_LEN])?;
+            *lock_write(self.bucket(b)?) = keys;
+        }
+        let st = current_state(&self.state_key, &self.header.store_id, &buf)?;
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = st;
+        Ok(())
+    }
+
     /// The two slots of bucket `b` (`bytes`: both, 256 bytes).
     fn parse_bucket(&self, b: u32, bytes: &[u8]) -> Result<BucketKeys> {
         parse_bucket(&self.slot_root, &self.header.store_id, b, bytes)

@@ -172,7 +172,8 @@ impl Table {
         }
     }
 
-    /// The table of a name.
+    /// The table of a name (the raw-access test hooks).
+    #[cfg(feature = "failpoints")]
     pub(crate) fn named(name: &str) -> Option<Table> {
         Table::ALL.into_iter().find(|t| t.name() == name)
     }
@@ -216,6 +217,9 @@ pub(crate) trait Backend: Send + Sync {
     /// store's own mutexes are the locks). Held from the first read to the
     /// last write of an operation on those buckets.
     fn lock_buckets(&self, buckets: &[u32]) -> Result<Option<RemoteLock>>;
+    /// Take the audit log's append lock across processes (`None`: one
+    /// process owns the data).
+    fn lock_audit(&self) -> Result<Option<RemoteLock>>;
     /// Raise the data's high-water mark to `value` (its first 8 bytes, the
     /// mark big-endian, decide): never lowers it, even when replicas race.
     fn raise_mark(&self, value: &[u8]) -> Result<()>;

@@ -37,6 +37,8 @@ const PAGE: i64 = 1024;
 const INIT_NAMESPACE: i32 = 0x6269_6f73; // "bios"
 /// Lock "bucket" of the keyring state (buckets are 0..65536).
 pub(crate) const STATE_LOCK: i32 = -1;
+/// Lock "bucket" of the audit log's tail.
+const AUDIT_LOCK: i32 = -2;
 
 /// A pooled connection. `broken` is set when a statement failed in a way
 /// that may leave session state (advisory locks) behind: the pool then
@@ -484,6 +486,10 @@ impl Backend for PgBackend {
             .map(|&b| i32::try_from(b).map_err(|_| Error::tampered("bucket index")))
             .collect::<Result<_>>()?;
         self.lock_keys(&keys).map(Some)
+    }
+
+    fn lock_audit(&self) -> Result<Option<RemoteLock>> {
+        self.lock_keys(&[AUDIT_LOCK]).map(Some)
     }
 
     fn raise_mark(&self, value: &[u8]) -> Result<()> {

@@ -258,6 +258,10 @@ impl Backend for SledBackend {
         Ok(None)
     }
 
+    fn lock_audit(&self) -> Result<Option<RemoteLock>> {
+        Ok(None)
+    }
+
     fn raise_mark(&self, value: &[u8]) -> Result<()> {
         // One process owns the data and raises its mark under the store's
         // mutex: the new value is always the higher.

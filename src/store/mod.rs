@@ -433,6 +433,7 @@ impl Store {
             subjects += 1;
             Ok(true)
         })?;
+        self.keyring.refresh_all()?;
         let (generation_min, generation_max) = self.keyring.generation_range();
         Ok(StoreStats {
             subjects,
@@ -498,6 +499,14 @@ impl Store {
                 first._remote = Some(remote);
             }
             self.keyring.refresh(buckets)?;
+            // A replica that died mid-rotation left both KEKs in a bucket;
+            // its locks died with its session, so no one else is rotating
+            // it: finish the rotation here, without any restart.
+            for &b in buckets {
+                if self.keyring.is_rotating(b)? {
+                    self.complete_rotation(b)?;
+                }
+            }
         }
         Ok(guards)
     }

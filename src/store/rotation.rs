@@ -83,7 +83,10 @@ impl Store {
     pub(super) fn recover(&self) -> Result<()> {
         for b in self.keyring.interrupted() {
             let _guard = self.lock(b)?;
-            self.complete_rotation(b)?;
+            // Shared mode: taking the lock may have finished it already.
+            if self.keyring.is_rotating(b)? {
+                self.complete_rotation(b)?;
+            }
         }
         if self.shred_policy == ShredPolicy::Immediate {
             self.shred()?;
