@@ -301,17 +301,17 @@ fn lock_write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
 
 /// Where a keyring image lives: a file in the key directory (embedded
 /// mode) or rows in the shared database (shared mode). Positioned writes
-/// of whole 128-byte units, made durable by `sync`: the layout above is the
-/// same in both.
+/// of whole 128-byte units, durable together: the layout above is the same
+/// in both.
 pub(crate) trait Medium: Send + Sync {
     /// The whole image.
     fn read_all(&self) -> Result<Vec<u8>>;
     /// `len` bytes at `off`.
     fn read_at(&self, off: u64, len: usize) -> Result<Vec<u8>>;
-    /// Overwrite the bytes at `off` (in place; durable at the next `sync`).
-    fn write_at(&self, off: u64, bytes: &[u8]) -> Result<()>;
-    /// Make every write so far durable.
-    fn sync(&self) -> Result<()>;
+    /// Overwrite the bytes at each offset in place; durable when this
+    /// returns (a file: written, then one `fdatasync`; the database: one
+    /// statement).
+    fn write(&self, writes: &[(u64, Vec<u8>)]) -> Result<()>;
     /// Exclusive access to the state copies across processes (`None`: one
     /// process owns the keyring).
     fn lock_state(&self) -> Result<Option<crate::storage::RemoteLock>>;
@@ -368,10 +368,10 @@ impl Medium for FileMedium {
         self.0.read_exact_at(&mut buf, off)?;
         Ok(buf)
     }
-    fn write_at(&self, off: u64, bytes: &[u8]) -> Result<()> {
-        Ok(self.0.write_all_at(bytes, off)?)
-    }
-    fn sync(&self) -> Result<()> {
+    fn write(&self, writes: &[(u64, Vec<u8>)]) -> Result<()> {
+        for (off, bytes) in writes {
+            self.0.write_all_at(bytes, *off)?;
+        }
         Ok(self.0.sync_data()?)
     }
     fn lock_state(&self) -> Result<Option<crate::storage::RemoteLock>> {
@@ -583,6 +583,7 @@ impl Keyring {
     /// `buckets`.
     pub(crate) fn begin_rotations(&self, buckets: &[u32]) -> Result<Vec<u64>> {
         let mut fresh = Vec::with_capacity(buckets.len());
+        let mut writes = Vec::with_capacity(buckets.len());
         for &b in buckets {
             let lock = self.bucket(b)?;
             let (free, gen) = {
@@ -595,10 +596,10 @@ impl Keyring {
             };
             let kek = random::<32>()?;
             let bytes = seal_slot(&self.slot_root, &self.header.store_id, b, free, gen, &kek)?;
-            self.file.write_at(slot_offset(b, free), &bytes)?;
+            writes.push((slot_offset(b, free), bytes.to_vec()));
             fresh.push((lock, free, gen, AeadKey::new(&kek)));
         }
-        self.file.sync()?;
+        self.file.write(&writes)?;
         crate::failpoint::hit("rotation:new-slot-synced");
         Ok(fresh
             .into_iter()
@@ -621,6 +622,7 @@ impl Keyring {
     /// updated by the same sync.
     pub(crate) fn finish_rotations(&self, buckets: &[u32], anchor: Option<Anchor>) -> Result<()> {
         let mut zeroed = Vec::with_capacity(buckets.len());
+        let mut writes = Vec::with_capacity(buckets.len());
         for &b in buckets {
             let lock = self.bucket(b)?;
             let old = {
@@ -631,13 +633,13 @@ impl Keyring {
                 let (newest, _) = keys.newest().ok_or(Error::tampered("keyring slot"))?;
                 1 - newest
             };
-            self.file.write_at(slot_offset(b, old), &[0u8; SLOT_LEN])?;
+            writes.push((slot_offset(b, old), vec![0u8; SLOT_LEN]));
             zeroed.push((lock, old));
         }
         match anchor {
-            Some(a) => self.update_state(|st| a.apply(st))?,
+            Some(a) => self.update_state_with(writes, |st| a.apply(st))?,
             None if zeroed.is_empty() => return Ok(()),
-            None => self.file.sync()?,
+            None => self.file.write(&writes)?,
         }
         for (lock, old) in zeroed {
             lock_write(lock).slots[old] = None;
@@ -655,6 +657,16 @@ impl Keyring {
     /// Shared mode: under the state lock, from the state as stored (another
     /// replica may have changed it).
     pub(crate) fn update_state(&self, f: impl FnOnce(&mut KeyringState)) -> Result<()> {
+        self.update_state_with(Vec::new(), f)
+    }
+
+    /// [`Keyring::update_state`], with slot writes made durable together
+    /// with the state (written before it).
+    fn update_state_with(
+        &self,
+        mut writes: Vec<(u64, Vec<u8>)>,
+        f: impl FnOnce(&mut KeyringState),
+    ) -> Result<()> {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let _remote = self.file.lock_state()?;
         if self.file.shared() {
@@ -664,11 +676,11 @@ impl Keyring {
         f(&mut next);
         next.counter = st.counter + 1;
         let off = STATE_OFF[(next.counter % 2) as usize];
-        self.file.write_at(
+        writes.push((
             off as u64,
-            &encode_state(&self.state_key, &self.header.store_id, &next),
-        )?;
-        self.file.sync()?;
+            encode_state(&self.state_key, &self.header.store_id, &next).to_vec(),
+        ));
+        self.file.write(&writes)?;
         *st = next;
         Ok(())
     }

@@ -153,6 +153,11 @@ impl PgBackend {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(5));
         }
+        // One direct attempt first: an unreachable server is reported at
+        // once, not after the pool's retries.
+        config
+            .connect(postgres::NoTls)
+            .map_err(|e| Error::Storage(format!("{name}: {}", pg_message(&e))))?;
         let pool = r2d2::Pool::builder()
             .max_size(pool_size.max(2))
             .min_idle(Some(0))
@@ -517,18 +522,14 @@ impl Backend for PgBackend {
 const UNIT: usize = 128;
 
 /// The keyring image in `bioseal.keyring`, one row per 128-byte unit.
-/// Writes are kept until `sync`, which writes them in one statement.
+/// Each batch of writes is one statement.
 pub(crate) struct PgMedium {
     pg: Arc<PgBackend>,
-    pending: std::sync::Mutex<std::collections::BTreeMap<i32, Vec<u8>>>,
 }
 
 impl PgMedium {
     pub(crate) fn new(pg: Arc<PgBackend>) -> PgMedium {
-        PgMedium {
-            pg,
-            pending: std::sync::Mutex::new(std::collections::BTreeMap::new()),
-        }
+        PgMedium { pg }
     }
 
     /// Whether the database holds a keyring.
@@ -584,20 +585,11 @@ impl crate::crypto::keyring::Medium for PgMedium {
         Ok(rows.into_iter().flat_map(|(_, v)| v).collect())
     }
 
-    fn write_at(&self, off: u64, bytes: &[u8]) -> Result<()> {
-        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        for (part, v) in units(off, bytes)? {
-            p.insert(part, v);
+    fn write(&self, writes: &[(u64, Vec<u8>)]) -> Result<()> {
+        let mut all = Vec::new();
+        for (off, bytes) in writes {
+            all.extend(units(*off, bytes)?);
         }
-        Ok(())
-    }
-
-    fn sync(&self) -> Result<()> {
-        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        if p.is_empty() {
-            return Ok(());
-        }
-        let all: Vec<(i32, Vec<u8>)> = std::mem::take(&mut *p).into_iter().collect();
         self.pg.keyring_write(&all)
     }
 

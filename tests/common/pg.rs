@@ -188,3 +188,113 @@ fn start() -> PathBuf {
     }
     sock
 }
+
+/// A server of a test's own, for tests that stop and restart it or read
+/// its files: `initdb` into a temporary directory, `pg_ctl` to start and
+/// stop it (as the `postgres` user when run as root). Stopped and removed
+/// on drop.
+pub struct Server {
+    pub dir: PathBuf,
+    pub data: PathBuf,
+    pub sock: PathBuf,
+    bin: PathBuf,
+}
+
+impl Server {
+    pub fn start() -> Server {
+        let bin = bin_dir();
+        let dir = tempfile::Builder::new()
+            .prefix("bioseal-pg-own")
+            .tempdir()
+            .expect("tempdir")
+            .keep();
+        let (data, sock) = (dir.join("data"), dir.join("s"));
+        std::fs::create_dir(&sock).expect("socket dir");
+        if is_root() {
+            let ok = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&dir)
+                .status()
+                .expect("chown");
+            assert!(ok.success());
+        }
+        let init = as_server_user(&format!(
+            "{}/initdb -D {} -A trust -U postgres --no-sync >/dev/null",
+            bin.display(),
+            data.display()
+        ))
+        .status()
+        .expect("initdb");
+        assert!(init.success(), "initdb failed");
+        let s = Server {
+            dir,
+            data,
+            sock,
+            bin,
+        };
+        s.start_again();
+        s
+    }
+
+    /// Start the (stopped) server and wait until it accepts connections.
+    pub fn start_again(&self) {
+        let ok = as_server_user(&format!(
+            "{}/pg_ctl -D {} -l {}/log -w -o \"-k {} -c listen_addresses= -c fsync=on\" start >/dev/null",
+            self.bin.display(),
+            self.data.display(),
+            self.dir.display(),
+            self.sock.display()
+        ))
+        .status()
+        .expect("pg_ctl start");
+        assert!(ok.success(), "pg_ctl start failed");
+    }
+
+    /// Stop the server: `mode` is `fast` or `immediate` (no checkpoint:
+    /// recovery from the WAL at the next start).
+    pub fn stop(&self, mode: &str) {
+        let _ = as_server_user(&format!(
+            "{}/pg_ctl -D {} -m {mode} -w stop >/dev/null 2>&1",
+            self.bin.display(),
+            self.data.display()
+        ))
+        .status();
+    }
+
+    /// URL of database `db` on this server.
+    pub fn url(&self, db: &str) -> String {
+        format!(
+            "postgresql://postgres@localhost/{db}?host={}",
+            self.sock.display()
+        )
+    }
+
+    /// A new database on this server; its URL.
+    pub fn fresh_database(&self, name: &str) -> String {
+        let mut c =
+            postgres::Client::connect(&self.url("postgres"), postgres::NoTls).expect("connect");
+        c.batch_execute(&format!("CREATE DATABASE {name}"))
+            .expect("create database");
+        self.url(name)
+    }
+
+    /// Run a server binary (`pg_dump`, ...) with arguments; its stdout.
+    pub fn tool(&self, name: &str, args: &str) -> Vec<u8> {
+        let out = as_server_user(&format!("{}/{name} {args}", self.bin.display()))
+            .output()
+            .expect("run tool");
+        assert!(
+            out.status.success(),
+            "{name} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop("fast");
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
