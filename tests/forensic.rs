@@ -263,3 +263,126 @@ fn a_deleted_pending_marker_does_not_keep_a_revoked_dek() {
         other => panic!("revoked subject answered {other:?}"),
     }
 }
+
+fn hex(b: &[u8]) -> Vec<u8> {
+    b.iter()
+        .flat_map(|x| format!("{x:02x}").into_bytes())
+        .collect()
+}
+
+/// Shared mode: nothing readable at rest in PostgreSQL's data directory
+/// (tables, indexes, WAL) or in a `pg_dump`: no template bytes (f32 or
+/// quantised), no subject id, no purpose name. And what SECURITY.md says
+/// G5 does *not* hold in shared mode, shown: a dump taken before a
+/// revocation, restored with the root key, still opens the revoked subject
+/// (its keyring rows are in the dump; key epochs are issue 13).
+#[test]
+fn postgres_files_wal_and_dumps_hold_nothing_readable() {
+    if common::pg::skipped("postgres_files_wal_and_dumps_hold_nothing_readable") {
+        return;
+    }
+    let server = common::pg::Server::start();
+    let url = server.fresh_database("forensic");
+    let f = Fixture::new(4);
+    let cfg = || f.config_at(Path::new(&url));
+    let mut rng = Rng(77);
+    let victim = rng.unit(DIM);
+    let others: Vec<Vec<f32>> = (0..12).map(|_| rng.unit(DIM)).collect();
+    {
+        let store = Store::open(cfg()).expect("open");
+        store
+            .enroll(VICTIM, emb(&victim), consent(f.now(), 365))
+            .expect("enroll");
+        for (i, v) in others.iter().enumerate() {
+            store
+                .enroll(&format!("other-{i}"), emb(v), consent(f.now(), 365))
+                .expect("enroll");
+        }
+        assert_eq!(
+            store.verify(VICTIM, &IDV, emb(&victim)).expect("verify"),
+            Decision::Match
+        );
+        // An impostor failure re-keys the subject: more versions in the WAL.
+        let _ = store.verify(VICTIM, &IDV, emb(&others[0]));
+    }
+    let old_dump = server.tool(
+        "pg_dump",
+        &format!("-h {} -U postgres forensic", server.sock.display()),
+    );
+    {
+        let store = Store::open(cfg()).expect("open");
+        store.revoke(VICTIM).expect("revoke");
+        store.audit().verify_chain().expect("chain");
+    }
+    let mut c = common::pg::client(&url);
+    // Positive control: plaintext written next to the store's tables is
+    // found by the same scans (files, WAL, dump).
+    let control = f32_bytes(&rng.unit(DIM)[..8]);
+    c.execute(
+        "CREATE TABLE public.control AS SELECT $1::bytea AS v, 'control-subject-id'::text AS id",
+        &[&control],
+    )
+    .expect("control");
+    c.batch_execute("CHECKPOINT").expect("checkpoint");
+    let dump = server.tool(
+        "pg_dump",
+        &format!("-h {} -U postgres forensic", server.sock.display()),
+    );
+    let q = quantise(&victim);
+    let needles: Vec<(&str, Vec<u8>)> = vec![
+        ("f32 embedding (8 components)", f32_bytes(&victim[..8])),
+        ("quantised template (16 components)", q[..32].to_vec()),
+        ("other template (8 components)", f32_bytes(&others[3][..8])),
+        ("subject id", VICTIM.as_bytes().to_vec()),
+        ("other subject id", b"other-3".to_vec()),
+        ("purpose name", b"identity-verification".to_vec()),
+    ];
+    let files = read_all_files(&server.data);
+    let total: usize = files.iter().map(|(_, d)| d.len()).sum();
+    assert!(
+        files
+            .iter()
+            .any(|(p, _)| p.to_string_lossy().contains("pg_wal")),
+        "the WAL is scanned"
+    );
+    assert!(total > 1_000_000, "scanned {total} bytes");
+    for needle in [&control[..], b"control-subject-id"] {
+        assert!(
+            files.iter().any(|(_, d)| contains(d, needle)),
+            "the scan finds plaintext in the server's files"
+        );
+        assert!(contains(&dump, needle) || contains(&dump, &hex(needle)));
+    }
+    for (path, data) in &files {
+        for (what, needle) in &needles {
+            assert!(!contains(data, needle), "{what} in {}", path.display());
+        }
+    }
+    for (name, d) in [("dump", &dump), ("old dump", &old_dump)] {
+        assert!(d.len() > 10_000, "{name}: {} bytes", d.len());
+        for (what, needle) in &needles {
+            assert!(!contains(d, needle), "{what} in the {name}");
+            assert!(!contains(d, &hex(needle)), "{what} (hex) in the {name}");
+        }
+    }
+    // The stated limit: the old dump, restored, with the root key.
+    let restored = server.fresh_database("restored");
+    let file = server.dir.join("old-dump.sql");
+    std::fs::write(&file, &old_dump).expect("write dump");
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .expect("chmod");
+    server.tool(
+        "psql",
+        &format!(
+            "-q -v ON_ERROR_STOP=1 -h {} -U postgres -d restored -f {}",
+            server.sock.display(),
+            file.display()
+        ),
+    );
+    let store = Store::open(f.config_at(Path::new(&restored))).expect("open the restored dump");
+    assert_eq!(
+        store.verify(VICTIM, &IDV, emb(&victim)).expect("verify"),
+        Decision::Match,
+        "shared mode before key epochs: an old dump plus the root key opens a revoked subject"
+    );
+}

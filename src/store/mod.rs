@@ -651,6 +651,10 @@ fn open_shared(
     let root = config.key.root_key()?;
     let (keyring, created) = if medium.exists()? {
         (Keyring::load(medium, &root)?, false)
+    } else if storage::store_id(&*pg)?.is_some() || pg.last(Table::Records, None)?.is_some() {
+        return Err(Error::KeyUnavailable {
+            what: "the keyring rows are missing from the database; refusing to create a new keyring over existing data",
+        });
     } else {
         let t = threshold.ok_or_else(|| {
             Error::Config("no threshold set for a new store (StoreConfig::threshold)".into())

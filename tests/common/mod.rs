@@ -137,6 +137,98 @@ impl Fixture {
         Store::open(self.config()).expect("open store")
     }
 
+    /// Every row of a table ("records", "keys", "meta", "audit"), read
+    /// behind the store's back (it must be closed): what anyone with
+    /// access to the data files or the database sees.
+    pub fn raw_rows(&self, table: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
+        match &self.url {
+            Some(url) => pg::client(url)
+                .query(&format!("SELECT k, v FROM bioseal.{table} ORDER BY k"), &[])
+                .expect("select")
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect(),
+            None => {
+                let db = open_raw_sled(&self.data.path().join("db"));
+                let t = db.open_tree(table).expect("tree");
+                t.iter()
+                    .map(|kv| kv.expect("kv"))
+                    .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                    .collect()
+            }
+        }
+    }
+
+    /// Write (or with `None` delete) a row behind the store's back (it
+    /// must be closed), durably.
+    pub fn raw_put(&self, table: &str, key: &[u8], value: Option<&[u8]>) {
+        match &self.url {
+            Some(url) => {
+                let mut c = pg::client(url);
+                match value {
+                    Some(v) => c.execute(
+                        &format!(
+                            "INSERT INTO bioseal.{table} (k, v) VALUES ($1, $2) \
+                             ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v"
+                        ),
+                        &[&key, &v],
+                    ),
+                    None => c.execute(
+                        &format!("DELETE FROM bioseal.{table} WHERE k = $1"),
+                        &[&key],
+                    ),
+                }
+                .expect("write row");
+            }
+            None => {
+                let db = open_raw_sled(&self.data.path().join("db"));
+                let t = db.open_tree(table).expect("tree");
+                match value {
+                    Some(v) => t.insert(key, v).expect("insert"),
+                    None => t.remove(key).expect("remove"),
+                };
+                db.flush().expect("flush");
+            }
+        }
+    }
+
+    /// The keyring image: the file, or the rows in the database in order.
+    pub fn raw_keyring(&self) -> Vec<u8> {
+        match &self.url {
+            Some(url) => pg::client(url)
+                .query("SELECT v FROM bioseal.keyring ORDER BY part", &[])
+                .expect("select")
+                .iter()
+                .flat_map(|r| r.get::<_, Vec<u8>>(0))
+                .collect(),
+            None => std::fs::read(self.secrets.path().join("bioseal.keyring")).expect("read"),
+        }
+    }
+
+    /// Replace the keyring image (database: one row per 128 bytes; an
+    /// empty image removes every row).
+    pub fn set_raw_keyring(&self, image: &[u8]) {
+        match &self.url {
+            Some(url) => {
+                let mut c = pg::client(url);
+                let mut tx = c.transaction().expect("begin");
+                tx.execute("DELETE FROM bioseal.keyring", &[])
+                    .expect("delete");
+                for (i, unit) in image.chunks(128).enumerate() {
+                    tx.execute(
+                        "INSERT INTO bioseal.keyring (part, v) VALUES ($1, $2)",
+                        &[&(i as i32), &unit],
+                    )
+                    .expect("insert");
+                }
+                tx.commit().expect("commit");
+            }
+            None => {
+                std::fs::write(self.secrets.path().join("bioseal.keyring"), image).expect("write")
+            }
+        }
+    }
+
     pub fn now(&self) -> Timestamp {
         bioseal::Clock::now(&self.clock)
     }
