@@ -5,11 +5,10 @@
 mod common;
 use bioseal::{AuditEvent, AuditOutcome, Consent, Error, Purpose, ShredPolicy, Store};
 use common::*;
-use std::path::Path;
 
 /// A long mixed run; returns the fixture and the vectors used.
-fn mixed_run() -> (Fixture, Vec<Vec<f32>>) {
-    let f = Fixture::new(8);
+fn mixed_run(k: Kind) -> (Fixture, Vec<Vec<f32>>) {
+    let f = Fixture::with(k, 8);
     let mut rng = Rng(21);
     let vecs: Vec<Vec<f32>> = (0..30).map(|_| rng.unit(DIM)).collect();
     {
@@ -68,15 +67,8 @@ fn mixed_run() -> (Fixture, Vec<Vec<f32>>) {
     (f, vecs)
 }
 
-fn raw_audit(dir: &Path) -> (sled::Db, sled::Tree) {
-    let db = open_raw_sled(&dir.join("db"));
-    let t = db.open_tree("audit").expect("tree");
-    (db, t)
-}
-
-#[test]
-fn chain_verifies_after_a_long_mixed_run_and_records_every_kind() {
-    let (f, _) = mixed_run();
+fn chain_verifies_after_a_long_mixed_run_and_records_every_kind(k: Kind) {
+    let (f, _) = mixed_run(k);
     let store = f.open();
     let head = store.audit().verify_chain().expect("chain");
     let entries = store.audit().entries().expect("entries");
@@ -128,11 +120,10 @@ fn chain_verifies_after_a_long_mixed_run_and_records_every_kind() {
 /// documents: each entry `len (u32 BE) || sealed || mac`.
 type Segments = Vec<(u64, Vec<Vec<u8>>)>;
 
-fn load(t: &sled::Tree) -> Segments {
-    t.iter()
-        .map(|kv| {
-            let (k, v) = kv.expect("kv");
-            let first = u64::from_be_bytes(k.as_ref().try_into().expect("8-byte key"));
+fn load(rows: &[(Vec<u8>, Vec<u8>)]) -> Segments {
+    rows.iter()
+        .map(|(k, v)| {
+            let first = u64::from_be_bytes(k.as_slice().try_into().expect("8-byte key"));
             let mut entries = Vec::new();
             let mut rest = &v[..];
             while !rest.is_empty() {
@@ -145,16 +136,23 @@ fn load(t: &sled::Tree) -> Segments {
         .collect()
 }
 
-fn store(t: &sled::Tree, segments: &Segments) {
-    t.clear().expect("clear");
-    for (first, entries) in segments {
-        let mut v = Vec::new();
-        for e in entries {
-            v.extend_from_slice(&(e.len() as u32).to_be_bytes());
-            v.extend_from_slice(e);
-        }
-        t.insert(first.to_be_bytes(), v).expect("insert");
-    }
+fn encode(segments: &Segments) -> Vec<(Vec<u8>, Vec<u8>)> {
+    segments
+        .iter()
+        .map(|(first, entries)| {
+            let mut v = Vec::new();
+            for e in entries {
+                v.extend_from_slice(&(e.len() as u32).to_be_bytes());
+                v.extend_from_slice(e);
+            }
+            (first.to_be_bytes().to_vec(), v)
+        })
+        .collect()
+}
+
+/// Replace the stored audit log with `segments` (behind the store's back).
+fn store(f: &Fixture, segments: &Segments) {
+    f.set_raw_rows("audit", &encode(segments));
 }
 
 /// (segment, index within it) of entry `k`, counting entries in order.
@@ -169,31 +167,28 @@ fn locate(segments: &Segments, k: u64) -> (usize, usize) {
     panic!("no entry {k}");
 }
 
-/// Apply `edit` to the raw entries of the audit tree of a fresh copy of
-/// `pristine`, then check that the chain is reported broken at `want`.
-fn expect_broken_at(pristine: &Fixture, want: u64, edit: impl FnOnce(&mut Segments)) {
-    let f = Fixture::new(8);
-    std::fs::remove_dir_all(f.data.path()).expect("rm");
-    copy_dir(pristine.data.path(), f.data.path());
-    std::fs::copy(
-        pristine.secrets.path().join("bioseal.keyring"),
-        f.secrets.path().join("bioseal.keyring"),
-    )
-    .expect("copy keyring");
+/// Apply `edit` to the stored audit entries (files or rows), check that
+/// the chain is reported broken at `want`, then put the pristine log back.
+fn expect_broken_at(
+    f: &Fixture,
+    pristine: &[(Vec<u8>, Vec<u8>)],
+    want: u64,
+    edit: impl FnOnce(&mut Segments),
+) {
+    let mut segments = load(pristine);
+    edit(&mut segments);
+    store(f, &segments);
     {
-        let (db, t) = raw_audit(f.data.path());
-        let mut segments = load(&t);
-        edit(&mut segments);
-        store(&t, &segments);
-        db.flush().expect("flush");
+        // An edit that moves the entry the keyring anchored is refused at
+        // open (RolledBack); accepted, the chain names the first broken
+        // entry.
+        let store = Store::open(f.config().accept_rollback(true)).expect("open");
+        match store.audit().verify_chain() {
+            Err(Error::AuditChainBroken { seq }) => assert_eq!(seq, want),
+            other => panic!("expected a break at {want}, got {other:?}"),
+        }
     }
-    // An edit that moves the entry the keyring anchored is refused at open
-    // (RolledBack); accepted, the chain names the first broken entry.
-    let store = Store::open(f.config_at(f.data.path()).accept_rollback(true)).expect("open");
-    match store.audit().verify_chain() {
-        Err(Error::AuditChainBroken { seq }) => assert_eq!(seq, want),
-        other => panic!("expected a break at {want}, got {other:?}"),
-    }
+    f.set_raw_rows("audit", pristine);
 }
 
 fn entry(segments: &mut Segments, k: u64) -> &mut Vec<u8> {
@@ -201,59 +196,54 @@ fn entry(segments: &mut Segments, k: u64) -> &mut Vec<u8> {
     &mut segments[si].1[ei]
 }
 
-#[test]
-fn any_single_edit_drop_reorder_or_insert_is_found_at_its_sequence_number() {
-    let (f, _) = mixed_run();
+fn any_single_edit_drop_reorder_or_insert_is_found_at_its_sequence_number(kind: Kind) {
+    let (f, _) = mixed_run(kind);
     let n = f.open().audit().verify_chain().expect("chain").entries;
-    {
-        let (_db, t) = raw_audit(f.data.path());
-        let segments = load(&t);
-        assert!(segments.len() > 1, "the log spans several segments");
-        assert_eq!(segments.iter().map(|(_, e)| e.len() as u64).sum::<u64>(), n);
-    }
-    // The same fixture key opens every copy.
-    let pristine = &f;
+    let rows = f.raw_rows("audit");
+    let segments = load(&rows);
+    assert!(segments.len() > 1, "the log spans several segments");
+    assert_eq!(segments.iter().map(|(_, e)| e.len() as u64).sum::<u64>(), n);
+    let pristine = &rows;
+    let f = &f;
     for k in [0, 1, n / 2, n - 2] {
         // Edit one byte of entry k (its nonce, its ciphertext, its MAC).
         for at in [0usize, 20, usize::MAX] {
-            expect_broken_at(pristine, k, |segs| {
+            expect_broken_at(f, pristine, k, |segs| {
                 let e = entry(segs, k);
                 let i = if at == usize::MAX { e.len() - 1 } else { at };
                 e[i] ^= 0x10;
             });
         }
         // Drop entry k.
-        expect_broken_at(pristine, k, |segs| {
+        expect_broken_at(f, pristine, k, |segs| {
             let (si, ei) = locate(segs, k);
             segs[si].1.remove(ei);
         });
         // Swap entries k and k+1.
-        expect_broken_at(pristine, k, |segs| {
+        expect_broken_at(f, pristine, k, |segs| {
             let a = entry(segs, k).clone();
             let b = std::mem::replace(entry(segs, k + 1), a);
             *entry(segs, k) = b;
         });
         // Insert a (replayed) entry at k, shifting the rest up by one.
-        expect_broken_at(pristine, k, |segs| {
+        expect_broken_at(f, pristine, k, |segs| {
             let replay = entry(segs, (k + 5) % n).clone();
             let (si, ei) = locate(segs, k);
             segs[si].1.insert(ei, replay);
         });
     }
     // An entry appended by someone without the key.
-    expect_broken_at(pristine, n, |segs| {
+    expect_broken_at(f, pristine, n, |segs| {
         let last = entry(segs, n - 1).clone();
         segs.last_mut().expect("segment").1.push(last);
     });
 }
 
-#[test]
-fn truncation_is_found_against_an_anchored_head() {
-    let (f, _) = mixed_run();
+fn truncation_is_found_against_an_anchored_head(k: Kind) {
+    let (f, _) = mixed_run(k);
     let anchor = f.open().audit().verify_chain().expect("chain");
     {
-        let (db, t) = raw_audit(f.data.path());
-        let mut segs = load(&t);
+        let mut segs = load(&f.raw_rows("audit"));
         for _ in 0..3 {
             let last = segs.last_mut().expect("segment");
             last.1.pop();
@@ -261,8 +251,7 @@ fn truncation_is_found_against_an_anchored_head() {
                 segs.pop();
             }
         }
-        store(&t, &segs);
-        db.flush().expect("flush");
+        store(&f, &segs);
     }
     // The keyring anchored the head at the last rotation: a truncated log
     // is refused at open, and opens only by accepting it (audited).
@@ -289,9 +278,8 @@ fn truncation_is_found_against_an_anchored_head() {
     store.audit().verify_against(&shorter).expect("own head");
 }
 
-#[test]
-fn export_is_json_lines_without_ids_or_biometric_data() {
-    let (f, vecs) = mixed_run();
+fn export_is_json_lines_without_ids_or_biometric_data(k: Kind) {
+    let (f, vecs) = mixed_run(k);
     let store = f.open();
     let mut out = Vec::new();
     let lines = store.audit().export(&mut out).expect("export");
@@ -321,8 +309,21 @@ fn export_is_json_lines_without_ids_or_biometric_data() {
         assert!(!contains(&out, &bytes[..16]));
     }
     assert!(!text.contains("example.org"));
-    // The files at rest hold no purpose name either: the entries are sealed.
-    for (path, data) in read_all_files(f.data.path()) {
+    // The files (rows) at rest hold no purpose name either: the entries
+    // are sealed.
+    drop(store);
+    let at_rest: Vec<(std::path::PathBuf, Vec<u8>)> = match k {
+        Kind::Sled => read_all_files(f.data.path()),
+        Kind::Postgres => ["records", "keys", "meta", "audit"]
+            .iter()
+            .flat_map(|t| {
+                f.raw_rows(t)
+                    .into_iter()
+                    .map(move |(k, v)| (t.into(), [k, v].concat()))
+            })
+            .collect(),
+    };
+    for (path, data) in at_rest {
         assert!(
             !contains(&data, b"identity-verification"),
             "{}",
@@ -332,16 +333,13 @@ fn export_is_json_lines_without_ids_or_biometric_data() {
     }
 }
 
-#[test]
-fn a_broken_chain_is_not_exported() {
-    let (f, _) = mixed_run();
+fn a_broken_chain_is_not_exported(k: Kind) {
+    let (f, _) = mixed_run(k);
     {
-        let (db, t) = raw_audit(f.data.path());
-        let mut segs = load(&t);
+        let mut segs = load(&f.raw_rows("audit"));
         let (si, ei) = locate(&segs, 3);
         segs[si].1.remove(ei);
-        store(&t, &segs);
-        db.flush().expect("flush");
+        store(&f, &segs);
     }
     let mut out = Vec::new();
     assert!(matches!(
@@ -350,3 +348,11 @@ fn a_broken_chain_is_not_exported() {
     ));
     assert!(out.is_empty());
 }
+
+on_both_backends!(
+    chain_verifies_after_a_long_mixed_run_and_records_every_kind,
+    any_single_edit_drop_reorder_or_insert_is_found_at_its_sequence_number,
+    truncation_is_found_against_an_anchored_head,
+    export_is_json_lines_without_ids_or_biometric_data,
+    a_broken_chain_is_not_exported,
+);

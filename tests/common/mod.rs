@@ -192,6 +192,35 @@ impl Fixture {
         }
     }
 
+    /// Replace every row of a table (behind the store's back).
+    pub fn set_raw_rows(&self, table: &str, rows: &[(Vec<u8>, Vec<u8>)]) {
+        match &self.url {
+            Some(url) => {
+                let mut c = pg::client(url);
+                let mut tx = c.transaction().expect("begin");
+                tx.execute(&format!("DELETE FROM bioseal.{table}"), &[])
+                    .expect("delete");
+                for (k, v) in rows {
+                    tx.execute(
+                        &format!("INSERT INTO bioseal.{table} (k, v) VALUES ($1, $2)"),
+                        &[k, v],
+                    )
+                    .expect("insert");
+                }
+                tx.commit().expect("commit");
+            }
+            None => {
+                let db = open_raw_sled(&self.data.path().join("db"));
+                let t = db.open_tree(table).expect("tree");
+                t.clear().expect("clear");
+                for (k, v) in rows {
+                    t.insert(k, v.as_slice()).expect("insert");
+                }
+                db.flush().expect("flush");
+            }
+        }
+    }
+
     /// The keyring image: the file, or the rows in the database in order.
     pub fn raw_keyring(&self) -> Vec<u8> {
         match &self.url {
