@@ -4,7 +4,7 @@
 //! store.
 
 mod common;
-use common::{read_all_files, Rng};
+use common::{read_all_files, Kind, Rng};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -25,9 +25,17 @@ struct Out {
 
 impl Cli {
     fn new() -> Cli {
+        Cli::with(Kind::Sled)
+    }
+
+    /// A CLI on a store directory, or on a fresh PostgreSQL database.
+    fn with(kind: Kind) -> Cli {
         let tmp = tempfile::tempdir().expect("tempdir");
         let (store, key, files) = (
-            tmp.path().join("store"),
+            match kind {
+                Kind::Sled => tmp.path().join("store"),
+                Kind::Postgres => PathBuf::from(common::pg::fresh_database()),
+            },
             tmp.path().join("root.key"),
             tmp.path().join("files"),
         );
@@ -193,9 +201,8 @@ fn init_writes_a_0600_key_and_refuses_to_overwrite() {
     assert_eq!(std::fs::read(&cli.key).expect("read"), key);
 }
 
-#[test]
-fn enroll_verify_consent_revoke_stats_and_audit() {
-    let cli = Cli::new();
+fn enroll_verify_consent_revoke_stats_and_audit(k: Kind) {
+    let cli = Cli::with(k);
     cli.init();
     let mut rng = Rng(77);
     let alice = rng.unit(DIM);
@@ -251,7 +258,7 @@ fn enroll_verify_consent_revoke_stats_and_audit() {
     let o = cli.run(&["stats"]);
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert!(o.stdout.contains("subjects          1"), "{}", o.stdout);
-    assert!(o.stdout.contains("disk use"));
+    assert_eq!(o.stdout.contains("disk use"), k == Kind::Sled);
 
     let o = cli.run(&["audit", "verify"]);
     assert_eq!(o.code, 0, "{}", o.stderr);
@@ -636,3 +643,5 @@ fn private_modes_under_umask_0_closed_pipe_and_short_expiries() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+on_both_backends!(enroll_verify_consent_revoke_stats_and_audit);

@@ -57,15 +57,15 @@ pub(crate) fn calibrate_cmd(cli: &Cli, pairs: &Path, target_fmr: f64, apply: boo
         );
     }
     if apply {
-        let dir = store_dir(cli)?;
-        let mut s = read_settings(dir)?;
+        let dir = settings_dir(cli)?;
+        let mut s = read_settings(&dir)?;
         if s.dim != dim {
             return Err(input(format!(
                 "the evaluation set has dimension {dim}, the store {}",
                 s.dim
             )));
         }
-        let (store, _) = open_with(cli, read_settings(dir)?)?;
+        let (store, _) = open_with(cli, read_settings(&dir)?)?;
         store.set_threshold(c.threshold)?;
         drop(store);
         s.threshold = c.threshold.as_cosine();
@@ -75,7 +75,7 @@ pub(crate) fn calibrate_cmd(cli: &Cli, pairs: &Path, target_fmr: f64, apply: boo
             pairs.display(),
             hex(&sha256_file(pairs)?)
         ));
-        write_settings(dir, &s)?;
+        write_settings(&dir, &s)?;
         println!(
             "applied to the keyring (audited); mirrored in {}",
             dir.join(SETTINGS_FILE).display()

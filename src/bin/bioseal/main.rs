@@ -42,7 +42,8 @@ use store::*;
     about = "Operate a bioseal face-template store"
 )]
 pub(crate) struct Cli {
-    /// Store directory.
+    /// Store directory, or a postgresql:// URL (shared mode: the keyring is
+    /// in the database, bioseal.json in the key directory).
     #[arg(long, env = "BIOSEAL_STORE", global = true)]
     store: Option<PathBuf>,
     /// Root key file (32 bytes, mode 0600), kept outside the store directory.

@@ -21,7 +21,40 @@ pub(crate) struct Settings {
 pub(crate) fn store_dir(cli: &Cli) -> R<&Path> {
     cli.store
         .as_deref()
-        .ok_or_else(|| input("no store: pass --store DIR or set BIOSEAL_STORE"))
+        .ok_or_else(|| input("no store: pass --store DIR|postgresql://... or set BIOSEAL_STORE"))
+}
+
+/// Whether `--store` names a PostgreSQL database (shared mode).
+pub(crate) fn is_shared(cli: &Cli) -> bool {
+    cli.store
+        .as_deref()
+        .and_then(Path::to_str)
+        .is_some_and(|s| s.starts_with("postgresql://") || s.starts_with("postgres://"))
+}
+
+/// Where `bioseal.json` lives: the store directory, or (shared mode, where
+/// there is no store directory) the key directory.
+pub(crate) fn settings_dir(cli: &Cli) -> R<PathBuf> {
+    if is_shared(cli) {
+        key_dir(cli)
+    } else {
+        Ok(store_dir(cli)?.to_path_buf())
+    }
+}
+
+/// The store location for messages: the directory, or the URL without
+/// its user information and parameters.
+pub(crate) fn store_name(cli: &Cli) -> R<String> {
+    let s = store_dir(cli)?;
+    if is_shared(cli) {
+        let url = s.to_string_lossy();
+        let (scheme, rest) = url.split_once("://").unwrap_or(("", &url));
+        let rest = rest.split('?').next().unwrap_or("");
+        let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+        Ok(format!("{scheme}://{host}"))
+    } else {
+        Ok(s.display().to_string())
+    }
 }
 
 pub(crate) fn key_path(cli: &Cli) -> R<&Path> {
@@ -41,6 +74,9 @@ pub(crate) fn key_dir(cli: &Cli) -> R<PathBuf> {
             _ => PathBuf::from("."),
         },
     };
+    if is_shared(cli) {
+        return Ok(dir);
+    }
     let store = store_dir(cli)?;
     let inside = |p: &Path| {
         let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
@@ -86,7 +122,7 @@ pub(crate) fn write_settings(dir: &Path, s: &Settings) -> R<()> {
 }
 
 pub(crate) fn open(cli: &Cli) -> R<(Store, Settings)> {
-    let settings = read_settings(store_dir(cli)?)?;
+    let settings = read_settings(&settings_dir(cli)?)?;
     open_with(cli, settings)
 }
 

@@ -13,7 +13,7 @@ pub(crate) fn init(cli: &Cli, model: &str, dim: &usize, threshold: &f32, buckets
             key_file.display()
         )));
     }
-    if std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some()) {
+    if !is_shared(cli) && std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some()) {
         return Err(input(format!(
             "{} is not empty: refusing to create a store there",
             dir.display()
@@ -31,7 +31,7 @@ pub(crate) fn init(cli: &Cli, model: &str, dim: &usize, threshold: &f32, buckets
     )?;
     drop(store);
     write_settings(
-        dir,
+        &settings_dir(cli)?,
         &Settings {
             model: model.to_owned(),
             dim: *dim,
@@ -43,7 +43,7 @@ pub(crate) fn init(cli: &Cli, model: &str, dim: &usize, threshold: &f32, buckets
     )?;
     println!(
         "created store {} (model {model}, {dim} dimensions, {buckets} buckets); root key {}",
-        dir.display(),
+        store_name(cli)?,
         key_file.display()
     );
     Ok(0)
@@ -67,7 +67,7 @@ pub(crate) fn enroll(
     else {
         return Err(Fail(2, "missing arguments".into()));
     };
-    let settings = read_settings(store_dir(cli)?)?;
+    let settings = read_settings(&settings_dir(cli)?)?;
     let emb = read_embedding(embedding, settings.dim)?;
     let consent = consent_from(purposes, expires, &sha256_file(evidence)?)?;
     let (store, _) = open_with(cli, settings)?;
@@ -78,7 +78,7 @@ pub(crate) fn enroll(
 
 /// `bioseal verify`: exit 0 on `match`, 1 on `no-match`.
 pub(crate) fn verify(cli: &Cli, subject: &str, purpose: &str, embedding: &Path) -> R<u8> {
-    let settings = read_settings(store_dir(cli)?)?;
+    let settings = read_settings(&settings_dir(cli)?)?;
     let probe = read_embedding(embedding, settings.dim)?;
     let purpose = Purpose::new(purpose.to_owned()).map_err(|e| input(e.to_string()))?;
     let (store, _) = open_with(cli, settings)?;
@@ -102,7 +102,7 @@ pub(crate) fn add_template(
     probe: &Path,
     embedding: &Path,
 ) -> R<u8> {
-    let settings = read_settings(store_dir(cli)?)?;
+    let settings = read_settings(&settings_dir(cli)?)?;
     let probe = read_embedding(probe, settings.dim)?;
     let new = read_embedding(embedding, settings.dim)?;
     let purpose = Purpose::new(purpose.to_owned()).map_err(|e| input(e.to_string()))?;
