@@ -3,6 +3,9 @@
 //!
 //! `cargo run --release --example perf_table`
 //!
+//! `BIOSEAL_PERF_BACKEND=postgres` runs the shared mode instead: bioseal on
+//! PostgreSQL against a PostgreSQL peer (see `perf_shared/mod.rs`).
+//!
 //! `BIOSEAL_PERF_SUBJECTS` sets the population (default 10,000; the
 //! documented long run uses 1,000,000) and `BIOSEAL_PERF_OPS` the operations
 //! timed per row (default 2,000); `BIOSEAL_PERF_CACHE_MB` sets sled's cache
@@ -19,6 +22,8 @@ use common::{consent, unit, DIM};
 
 #[path = "../benches/peer/mod.rs"]
 mod peer;
+
+mod perf_shared;
 
 use bioseal::{
     Consent, Embedding, Error, ManualClock, Purpose, RootKey, Store, StoreConfig, Threshold,
@@ -57,6 +62,12 @@ fn row(name: &str, ours: (Duration, Duration), peer: (Duration, Duration)) {
 }
 
 fn main() -> Result<(), Error> {
+    if let Ok(kind) = std::env::var("BIOSEAL_PERF_WORKER") {
+        return perf_shared::worker(&kind);
+    }
+    if std::env::var("BIOSEAL_PERF_BACKEND").is_ok_and(|b| b == "postgres") {
+        return perf_shared::run();
+    }
     let n = env("BIOSEAL_PERF_SUBJECTS", 10_000);
     let buckets = env("BIOSEAL_PERF_BUCKETS", bioseal::DEFAULT_BUCKETS as usize);
     let ops = env("BIOSEAL_PERF_OPS", 2_000).min(n / 2);

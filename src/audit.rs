@@ -323,6 +323,18 @@ impl Inner {
     /// them in one statement. A failed write puts the entries back at the
     /// front of the queue: nothing acknowledged is dropped from the log.
     pub(crate) fn drain(&self) -> Result<()> {
+        if self
+            .queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entries
+            .is_empty()
+        {
+            return Ok(());
+        }
+        // The database's lock before this process's mutex: a thread holding
+        // the (transaction-long) lock may come back for the mutex.
+        let _lock = self.db.lock_audit()?;
         let mut chain = self.chain.lock().unwrap_or_else(|e| e.into_inner());
         let mut entries =
             std::mem::take(&mut self.queue.lock().unwrap_or_else(|e| e.into_inner()).entries);
@@ -339,7 +351,6 @@ impl Inner {
     }
 
     fn write_entries(&self, chain: &mut ([u8; 32], u64), entries: &mut [AuditEntry]) -> Result<()> {
-        let _lock = self.db.lock_audit()?;
         let mut next = *chain;
         if self.db.shared() {
             let (seq, mac) = tail(&*self.db)?;

@@ -667,8 +667,10 @@ impl Keyring {
         mut writes: Vec<(u64, Vec<u8>)>,
         f: impl FnOnce(&mut KeyringState),
     ) -> Result<()> {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        // The database's lock before this process's mutex (see the audit
+        // log's drain).
         let _remote = self.file.lock_state()?;
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if self.file.shared() {
             *st = self.stored_state()?;
         }

@@ -217,6 +217,11 @@ pub(crate) trait Backend: Send + Sync {
     /// store's own mutexes are the locks). Held from the first read to the
     /// last write of an operation on those buckets.
     fn lock_buckets(&self, buckets: &[u32]) -> Result<Option<RemoteLock>>;
+    /// The writes since the last `flush` need not reach the disk before
+    /// the locks are released (group commit: the next `flush` makes them
+    /// durable). Shared mode commits them without waiting for the WAL
+    /// flush; embedded mode has nothing to do.
+    fn relax(&self) {}
     /// Take the audit log's append lock across processes (`None`: one
     /// process owns the data).
     fn lock_audit(&self) -> Result<Option<RemoteLock>>;

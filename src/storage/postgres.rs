@@ -35,10 +35,9 @@ pub const SCHEMA_VERSION: i32 = 1;
 const PAGE: i64 = 1024;
 /// Advisory-lock namespace of store creation (before any store id exists).
 const INIT_NAMESPACE: i32 = 0x6269_6f73; // "bios"
-/// Lock "bucket" of the keyring state (buckets are 0..65536).
+/// Lock "bucket" of the keyring state and the audit tail (buckets are
+/// 0..65536).
 pub(crate) const STATE_LOCK: i32 = -1;
-/// Lock "bucket" of the audit log's tail.
-const AUDIT_LOCK: i32 = -2;
 
 /// A pooled connection. `broken` is set when a statement failed in a way
 /// that may leave session state (advisory locks) behind: the pool then
@@ -80,6 +79,50 @@ struct Held {
     conn: Pooled,
     /// Lock guards of this backend alive on this thread.
     depth: usize,
+    /// A transaction is open on `conn` (begun by the first statement after
+    /// a lock or a commit; committed by `flush` or when the last lock goes).
+    in_txn: bool,
+    /// The store said the writes since the last flush need not wait for
+    /// the disk (`Backend::relax`).
+    relaxed: bool,
+    /// The transaction wrote keyring rows: always committed synchronously.
+    strict: bool,
+    /// Session locks released while others were held: unlocked after the
+    /// commit, so that no replica takes them before the writes are visible.
+    deferred: Vec<(i32, Vec<i32>)>,
+}
+
+impl Held {
+    fn begin(&mut self) -> std::result::Result<(), postgres::Error> {
+        if !self.in_txn {
+            self.conn.client.simple_query("BEGIN")?;
+            self.in_txn = true;
+            self.relaxed = false;
+            self.strict = false;
+        }
+        Ok(())
+    }
+
+    /// Commit the open transaction: synchronously (durable when this
+    /// returns) unless relaxed, or `force` asks for it.
+    fn commit(&mut self, force: bool) -> std::result::Result<(), postgres::Error> {
+        if !self.in_txn {
+            return Ok(());
+        }
+        self.in_txn = false;
+        let sql = if self.relaxed && !self.strict && !force {
+            // Durable within PostgreSQL's WAL writer delay, in commit order:
+            // what group commit is in embedded mode.
+            "SET LOCAL synchronous_commit TO OFF; COMMIT"
+        } else {
+            "COMMIT"
+        };
+        let r = self.conn.client.simple_query(sql).map(|_| ());
+        if r.is_err() {
+            self.conn.broken = true;
+        }
+        r
+    }
 }
 
 thread_local! {
@@ -204,7 +247,7 @@ impl PgBackend {
             let mut h = h.borrow_mut();
             let x = h.iter_mut().find(|x| x.backend == self.id)?;
             let f = f.take()?;
-            let r = f(&mut x.conn.client);
+            let r = x.begin().and_then(|()| f(&mut x.conn.client));
             if r.is_err() {
                 x.conn.broken = true;
             }
@@ -273,15 +316,22 @@ impl PgBackend {
     /// Take advisory locks `keys` (ascending) in the current namespace on
     /// this thread's connection (checked out and kept while locks are held).
     pub(crate) fn lock_keys(&self, keys: &[i32]) -> Result<RemoteLock> {
-        self.lock_in(self.namespace.load(Ordering::Relaxed), keys)
+        self.lock_in(self.namespace.load(Ordering::Relaxed), keys, false)
+    }
+
+    /// The store-wide lock of the keyring state and the audit tail, held
+    /// until the transaction commits (a transaction lock: released only
+    /// once what was read and written under it is visible to others).
+    pub(crate) fn lock_store(&self) -> Result<RemoteLock> {
+        self.lock_in(self.namespace.load(Ordering::Relaxed), &[STATE_LOCK], true)
     }
 
     /// Serialise store creation across replicas.
     pub(crate) fn lock_init(&self) -> Result<RemoteLock> {
-        self.lock_in(INIT_NAMESPACE, &[1])
+        self.lock_in(INIT_NAMESPACE, &[1], false)
     }
 
-    fn lock_in(&self, ns: i32, keys: &[i32]) -> Result<RemoteLock> {
+    fn lock_in(&self, ns: i32, keys: &[i32], xact: bool) -> Result<RemoteLock> {
         let has = HELD.with(|h| h.borrow().iter().any(|x| x.backend == self.id));
         if !has {
             let conn = self.pool.get().map_err(|e| self.err(e))?;
@@ -290,6 +340,10 @@ impl PgBackend {
                     backend: self.id,
                     conn,
                     depth: 0,
+                    in_txn: false,
+                    relaxed: false,
+                    strict: false,
+                    deferred: Vec::new(),
                 })
             });
         }
@@ -303,28 +357,42 @@ impl PgBackend {
             backend: self.id,
             ns,
             keys: keys.to_vec(),
+            xact,
         };
         let keys = keys.to_vec();
-        self.with_conn(|c| {
-            c.query_typed(
-                "SELECT count(*) FROM (SELECT pg_advisory_lock($1, b) FROM unnest($2::int4[]) \
-                 WITH ORDINALITY AS u(b, i) ORDER BY i) s",
-                &[(&ns, Type::INT4), (&keys, Type::INT4_ARRAY)],
-            )
-        })?;
+        let sql = if xact {
+            "SELECT count(*) FROM (SELECT pg_advisory_xact_lock($1, b) FROM unnest($2::int4[]) \
+             WITH ORDINALITY AS u(b, i) ORDER BY i) s"
+        } else {
+            "SELECT count(*) FROM (SELECT pg_advisory_lock($1, b) FROM unnest($2::int4[]) \
+             WITH ORDINALITY AS u(b, i) ORDER BY i) s"
+        };
+        self.with_conn(|c| c.query_typed(sql, &[(&ns, Type::INT4), (&keys, Type::INT4_ARRAY)]))?;
         Ok(Box::new(guard))
     }
 }
 
 /// Release advisory locks `keys` of backend `id` taken on this thread.
-fn unlock(id: usize, ns: i32, keys: &[i32]) {
+/// The last one commits the open transaction first (synchronously unless
+/// relaxed; an error leaves the connection broken: closed, never reused),
+/// then releases the session locks, so that the next holder sees every
+/// write made under them.
+fn unlock(id: usize, ns: i32, keys: &[i32], xact: bool) {
     HELD.with(|h| {
-            let mut h = h.borrow_mut();
-            let Some(i) = h.iter().position(|x| x.backend == id) else {
-                return;
-            };
-            let x = &mut h[i];
-            let keys = keys.to_vec();
+        let mut h = h.borrow_mut();
+        let Some(i) = h.iter().position(|x| x.backend == id) else {
+            return;
+        };
+        let x = &mut h[i];
+        if !xact {
+            x.deferred.push((ns, keys.to_vec()));
+        }
+        x.depth = x.depth.saturating_sub(1);
+        if x.depth > 0 {
+            return;
+        }
+        let _ = x.commit(false);
+        for (ns, keys) in std::mem::take(&mut x.deferred) {
             let r = x.conn.client.query_typed(
                 "SELECT count(*) FROM (SELECT pg_advisory_unlock($1, b) FROM unnest($2::int4[]) AS b) s",
                 &[(&ns, Type::INT4), (&keys, Type::INT4_ARRAY)],
@@ -333,11 +401,9 @@ fn unlock(id: usize, ns: i32, keys: &[i32]) {
                 // Locks may be left on the session: never reuse it.
                 x.conn.broken = true;
             }
-            x.depth = x.depth.saturating_sub(1);
-            if x.depth == 0 {
-                h.swap_remove(i);
-            }
-        });
+        }
+        h.swap_remove(i);
+    });
 }
 
 impl PgBackend {
@@ -361,6 +427,11 @@ impl PgBackend {
 
     /// Write keyring units in one statement (insert or overwrite).
     pub(crate) fn keyring_write(&self, units: &[(i32, Vec<u8>)]) -> Result<()> {
+        HELD.with(|h| {
+            if let Some(x) = h.borrow_mut().iter_mut().find(|x| x.backend == self.id) {
+                x.strict = true;
+            }
+        });
         let parts: Vec<i32> = units.iter().map(|u| u.0).collect();
         let vals: Vec<&[u8]> = units.iter().map(|u| u.1.as_slice()).collect();
         self.with_conn(|c| {
@@ -388,11 +459,13 @@ struct PgLock {
     backend: usize,
     ns: i32,
     keys: Vec<i32>,
+    /// A transaction lock (released by the commit).
+    xact: bool,
 }
 
 impl Drop for PgLock {
     fn drop(&mut self) {
-        unlock(self.backend, self.ns, &self.keys);
+        unlock(self.backend, self.ns, &self.keys, self.xact);
     }
 }
 
@@ -481,8 +554,23 @@ impl Backend for PgBackend {
     }
 
     fn flush(&self) -> Result<()> {
-        // Every apply committed durably before it returned.
-        Ok(())
+        // Outside a lock every statement committed durably on its own;
+        // under one, commit the transaction now, synchronously.
+        HELD.with(|h| {
+            let mut h = h.borrow_mut();
+            match h.iter_mut().find(|x| x.backend == self.id) {
+                Some(x) => x.commit(true).map_err(|e| self.err(pg_message(&e))),
+                None => Ok(()),
+            }
+        })
+    }
+
+    fn relax(&self) {
+        HELD.with(|h| {
+            if let Some(x) = h.borrow_mut().iter_mut().find(|x| x.backend == self.id) {
+                x.relaxed = true;
+            }
+        });
     }
 
     fn lock_buckets(&self, buckets: &[u32]) -> Result<Option<RemoteLock>> {
@@ -494,7 +582,7 @@ impl Backend for PgBackend {
     }
 
     fn lock_audit(&self) -> Result<Option<RemoteLock>> {
-        self.lock_keys(&[AUDIT_LOCK]).map(Some)
+        self.lock_store().map(Some)
     }
 
     fn raise_mark(&self, value: &[u8]) -> Result<()> {
@@ -594,7 +682,7 @@ impl crate::crypto::keyring::Medium for PgMedium {
     }
 
     fn lock_state(&self) -> Result<Option<RemoteLock>> {
-        self.pg.lock_keys(&[STATE_LOCK]).map(Some)
+        self.pg.lock_store().map(Some)
     }
 
     fn shared(&self) -> bool {

@@ -190,6 +190,8 @@ impl Store {
         }
         if added || self.durability == Durability::Immediate {
             self.flush()?;
+        } else {
+            self.db.relax();
         }
         result
     }
