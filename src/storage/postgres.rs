@@ -110,7 +110,11 @@ impl Held {
             return Ok(());
         }
         self.in_txn = false;
-        let sql = if self.relaxed && !self.strict && !force {
+        let relaxed = self.relaxed && !self.strict && !force;
+        if relaxed {
+            UNSYNCED.with(|u| u.borrow_mut().push(self.backend));
+        }
+        let sql = if relaxed {
             // Durable within PostgreSQL's WAL writer delay, in commit order:
             // what group commit is in embedded mode.
             "SET LOCAL synchronous_commit TO OFF; COMMIT"
@@ -118,8 +122,12 @@ impl Held {
             "COMMIT"
         };
         let r = self.conn.client.simple_query(sql).map(|_| ());
-        if r.is_err() {
-            self.conn.broken = true;
+        match &r {
+            Err(_) => self.conn.broken = true,
+            // A synchronous commit made this thread's earlier asynchronous
+            // ones durable too.
+            Ok(()) if !relaxed => UNSYNCED.with(|u| u.borrow_mut().retain(|&b| b != self.backend)),
+            Ok(()) => {}
         }
         r
     }
@@ -127,6 +135,9 @@ impl Held {
 
 thread_local! {
     static HELD: RefCell<Vec<Held>> = const { RefCell::new(Vec::new()) };
+    /// Backends this thread committed to without waiting for the disk
+    /// since its last durability point.
+    static UNSYNCED: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
 }
 
 static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
@@ -205,7 +216,7 @@ impl PgBackend {
             .max_size(pool_size.max(2))
             .min_idle(Some(0))
             .test_on_check_out(false)
-            .connection_timeout(Duration::from_secs(10))
+            .connection_timeout(Duration::from_secs(3))
             .error_handler(Box::new(r2d2::NopErrorHandler))
             .build_unchecked(Manager { config });
         let sql = Table::ALL.map(TableSql::new);
@@ -554,15 +565,40 @@ impl Backend for PgBackend {
     }
 
     fn flush(&self) -> Result<()> {
-        // Outside a lock every statement committed durably on its own;
-        // under one, commit the transaction now, synchronously.
-        HELD.with(|h| {
+        // Under a lock: commit the transaction now, synchronously. A
+        // synchronous commit flushes the WAL up to its own record, and so
+        // every earlier asynchronous commit with it.
+        let held = HELD.with(|h| {
             let mut h = h.borrow_mut();
-            match h.iter_mut().find(|x| x.backend == self.id) {
-                Some(x) => x.commit(true).map_err(|e| self.err(pg_message(&e))),
-                None => Ok(()),
+            h.iter_mut()
+                .find(|x| x.backend == self.id)
+                .map(|x| (x.in_txn, x.commit(true)))
+        });
+        let synced_here = match held {
+            Some((was_open, r)) => {
+                r.map_err(|e| self.err(pg_message(&e)))?;
+                was_open
             }
-        })
+            None => false,
+        };
+        let unsynced = UNSYNCED.with(|u| {
+            let mut u = u.borrow_mut();
+            let had = u.contains(&self.id);
+            u.retain(|&b| b != self.id);
+            had
+        });
+        if unsynced && !synced_here {
+            // Outside a lock, after asynchronous commits: a one-row write
+            // committed synchronously is the barrier.
+            self.with_conn(|c| {
+                c.query_typed(
+                    "INSERT INTO bioseal.meta (k, v) VALUES ('sync', '') \
+                     ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v",
+                    &[],
+                )
+            })?;
+        }
+        Ok(())
     }
 
     fn relax(&self) {

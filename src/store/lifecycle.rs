@@ -97,6 +97,8 @@ impl Store {
         };
         self.put_subject(&mut w, &p, b, &l, true)?;
         w.apply(&*self.db)?;
+        // Durable by the caller's flush.
+        self.db.relax();
         self.log(
             now,
             AuditEntry::new(AuditEvent::Enroll)
