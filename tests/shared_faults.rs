@@ -141,6 +141,15 @@ fn wrong_root_key_another_store_or_a_newer_schema_are_typed_and_write_nothing() 
             .expect("verify"),
         Decision::Match
     );
+    // A schema altered behind bioseal's back (a NULL where a value was):
+    // typed, never a panic, never a match.
+    ca.batch_execute(
+        "ALTER TABLE bioseal.records ALTER COLUMN v DROP NOT NULL;
+         UPDATE bioseal.records SET v = NULL WHERE substring(k from 1 for 1) = 'S'",
+    )
+    .expect("alter");
+    let r = s.verify("alice", &IDV, Embedding::new(vector(1)));
+    assert!(matches!(r, Err(Error::Tampered { .. })), "{r:?}");
 }
 
 /// The server is stopped (fast, then immediate shutdown) and started again

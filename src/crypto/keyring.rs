@@ -695,8 +695,9 @@ impl Keyring {
         current_state(&self.state_key, &self.header.store_id, &buf)
     }
 
-    /// Shared mode: re-read the state and the KEK slots of `buckets` (the
-    /// caller holds their locks; another replica may have rotated them).
+    /// Shared mode: re-read the KEK slots of `buckets` (the caller holds
+    /// their locks; another replica may have rotated them). The state is
+    /// re-read where it is changed (`update_state`, under its own lock).
     /// Embedded mode: nothing to do, this process wrote them.
     pub(crate) fn refresh(&self, buckets: &[u32]) -> Result<()> {
         if !self.file.shared() {
@@ -708,8 +709,6 @@ impl Keyring {
             let keys = self.parse_bucket(b, &bytes)?;
             *lock_write(lock) = keys;
         }
-        let st = self.stored_state()?;
-        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = st;
         Ok(())
     }
 
@@ -731,6 +730,15 @@ impl Keyring {
         let st = current_state(&self.state_key, &self.header.store_id, &buf)?;
         *self.state.lock().unwrap_or_else(|e| e.into_inner()) = st;
         Ok(())
+    }
+
+    /// The byte ranges of the KEK slots of `buckets` (what `refresh`
+    /// reads).
+    pub(crate) fn slot_ranges(&self, buckets: &[u32]) -> Vec<(u64, usize)> {
+        buckets
+            .iter()
+            .map(|&b| (slot_offset(b, 0), 2 * SLOT_LEN))
+            .collect()
     }
 
     /// The two slots of bucket `b` (`bytes`: both, 256 bytes).

@@ -195,6 +195,11 @@ pub(crate) type RemoteLock = Box<dyn Send>;
 pub(crate) trait Backend: Send + Sync {
     /// The value under `key`.
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>>;
+    /// The values under several keys, in one unit of work (one round trip
+    /// in shared mode).
+    fn get_many(&self, keys: &[(Table, &[u8])]) -> Result<Vec<Option<Vec<u8>>>> {
+        keys.iter().map(|(t, k)| self.get(*t, k)).collect()
+    }
     /// Visit every entry with `from <= key < to` (`to = None`: to the end)
     /// in key order, until `visit` returns false.
     fn scan(
@@ -216,7 +221,15 @@ pub(crate) trait Backend: Send + Sync {
     /// the data, in one step (`None` for a backend one process owns: the
     /// store's own mutexes are the locks). Held from the first read to the
     /// last write of an operation on those buckets.
-    fn lock_buckets(&self, buckets: &[u32]) -> Result<Option<RemoteLock>>;
+    ///
+    /// `prefetch`: byte ranges of the keyring to read in the same round
+    /// trip (shared mode: the buckets' KEK slots, which the keyring then
+    /// re-reads under the lock; embedded mode ignores it).
+    fn lock_buckets(
+        &self,
+        buckets: &[u32],
+        prefetch: &[(u64, usize)],
+    ) -> Result<Option<RemoteLock>>;
     /// The writes since the last `flush` need not reach the disk before
     /// the locks are released (group commit: the next `flush` makes them
     /// durable). Shared mode commits them without waiting for the WAL

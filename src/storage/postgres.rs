@@ -90,6 +90,8 @@ struct Held {
     /// Session locks released while others were held: unlocked after the
     /// commit, so that no replica takes them before the writes are visible.
     deferred: Vec<(i32, Vec<i32>)>,
+    /// Keyring rows read with the locks (see `Backend::lock_buckets`).
+    prefetch: std::collections::HashMap<i32, Vec<u8>>,
 }
 
 impl Held {
@@ -289,7 +291,7 @@ impl PgBackend {
             )?;
             let found: Option<i32> = tx
                 .query_opt("SELECT max(version) FROM bioseal.schema", &[])?
-                .and_then(|r| r.get(0));
+                .and_then(|r| r.try_get(0).ok().flatten());
             if found.is_none() {
                 let mut ddl = String::new();
                 for t in Table::ALL {
@@ -324,25 +326,24 @@ impl PgBackend {
         self.namespace.store(ns, Ordering::Relaxed);
     }
 
-    /// Take advisory locks `keys` (ascending) in the current namespace on
-    /// this thread's connection (checked out and kept while locks are held).
-    pub(crate) fn lock_keys(&self, keys: &[i32]) -> Result<RemoteLock> {
-        self.lock_in(self.namespace.load(Ordering::Relaxed), keys, false)
-    }
-
     /// The store-wide lock of the keyring state and the audit tail, held
     /// until the transaction commits (a transaction lock: released only
     /// once what was read and written under it is visible to others).
     pub(crate) fn lock_store(&self) -> Result<RemoteLock> {
-        self.lock_in(self.namespace.load(Ordering::Relaxed), &[STATE_LOCK], true)
+        self.lock_in(
+            self.namespace.load(Ordering::Relaxed),
+            &[STATE_LOCK],
+            true,
+            &[],
+        )
     }
 
     /// Serialise store creation across replicas.
     pub(crate) fn lock_init(&self) -> Result<RemoteLock> {
-        self.lock_in(INIT_NAMESPACE, &[1], false)
+        self.lock_in(INIT_NAMESPACE, &[1], false, &[])
     }
 
-    fn lock_in(&self, ns: i32, keys: &[i32], xact: bool) -> Result<RemoteLock> {
+    fn lock_in(&self, ns: i32, keys: &[i32], xact: bool, prefetch: &[i32]) -> Result<RemoteLock> {
         let has = HELD.with(|h| h.borrow().iter().any(|x| x.backend == self.id));
         if !has {
             let conn = self.pool.get().map_err(|e| self.err(e))?;
@@ -355,6 +356,7 @@ impl PgBackend {
                     relaxed: false,
                     strict: false,
                     deferred: Vec::new(),
+                    prefetch: std::collections::HashMap::new(),
                 })
             });
         }
@@ -370,17 +372,91 @@ impl PgBackend {
             keys: keys.to_vec(),
             xact,
         };
-        let keys = keys.to_vec();
-        let sql = if xact {
-            "SELECT count(*) FROM (SELECT pg_advisory_xact_lock($1, b) FROM unnest($2::int4[]) \
-             WITH ORDINALITY AS u(b, i) ORDER BY i) s"
+        // One round trip: BEGIN if no transaction is open, the locks in the
+        // order given, and the keyring rows to prefetch.
+        let f = if xact {
+            "pg_advisory_xact_lock"
         } else {
-            "SELECT count(*) FROM (SELECT pg_advisory_lock($1, b) FROM unnest($2::int4[]) \
-             WITH ORDINALITY AS u(b, i) ORDER BY i) s"
+            "pg_advisory_lock"
         };
-        self.with_conn(|c| c.query_typed(sql, &[(&ns, Type::INT4), (&keys, Type::INT4_ARRAY)]))?;
+        let mut sql = String::new();
+        for k in keys {
+            sql.push_str(&format!("SELECT {f}({ns}, {k});"));
+        }
+        if !prefetch.is_empty() {
+            let parts: Vec<String> = prefetch.iter().map(i32::to_string).collect();
+            sql.push_str(&format!(
+                "SELECT part, v FROM bioseal.keyring WHERE part IN ({});",
+                parts.join(",")
+            ));
+        }
+        let got = HELD.with(|h| {
+            let mut h = h.borrow_mut();
+            let x = h
+                .iter_mut()
+                .find(|x| x.backend == self.id)
+                .ok_or_else(|| self.err("no connection"))?;
+            let begin = !x.in_txn;
+            let full = if begin { format!("BEGIN;{sql}") } else { sql };
+            match x.conn.client.simple_query(&full) {
+                Ok(msgs) => {
+                    if begin {
+                        x.in_txn = true;
+                        x.relaxed = false;
+                        x.strict = false;
+                    }
+                    for m in msgs {
+                        // The lock rows have one column, the keyring rows two.
+                        if let postgres::SimpleQueryMessage::Row(r) = m {
+                            if let (Ok(Some(p)), Ok(Some(v))) = (r.try_get(0), r.try_get(1)) {
+                                let part =
+                                    p.parse::<i32>().map_err(|_| self.err("keyring part"))?;
+                                let bytes = unhex(v).ok_or_else(|| self.err("keyring bytes"))?;
+                                x.prefetch.insert(part, bytes);
+                            }
+                        }
+                    }
+                    Ok(())
+                }
+                Err(e) => {
+                    x.conn.broken = true;
+                    Err(self.err(pg_message(&e)))
+                }
+            }
+        });
+        got?;
         Ok(Box::new(guard))
     }
+
+    /// Prefetched keyring rows `parts`, if every one of them was fetched
+    /// under this thread's current locks (taken out: read once).
+    fn take_prefetched(&self, parts: &[i32]) -> Option<Vec<(i32, Vec<u8>)>> {
+        HELD.with(|h| {
+            let mut h = h.borrow_mut();
+            let x = h.iter_mut().find(|x| x.backend == self.id)?;
+            if !parts.iter().all(|p| x.prefetch.contains_key(p)) {
+                return None;
+            }
+            parts
+                .iter()
+                .map(|p| x.prefetch.remove(p).map(|v| (*p, v)))
+                .collect()
+        })
+    }
+}
+
+/// `\x`-prefixed hex (PostgreSQL's text form of bytea).
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    let h = s.strip_prefix("\\x")?.as_bytes();
+    if h.len() % 2 != 0 {
+        return None;
+    }
+    h.chunks(2)
+        .map(|c| {
+            let d = |x: u8| (x as char).to_digit(16);
+            Some((d(c[0])? * 16 + d(c[1])?) as u8)
+        })
+        .collect()
 }
 
 /// Release advisory locks `keys` of backend `id` taken on this thread.
@@ -402,15 +478,35 @@ fn unlock(id: usize, ns: i32, keys: &[i32], xact: bool) {
         if x.depth > 0 {
             return;
         }
-        let _ = x.commit(false);
+        // One round trip: the commit, then the session unlocks.
+        let relaxed = x.in_txn && x.relaxed && !x.strict;
+        let mut sql = String::new();
+        if x.in_txn {
+            sql.push_str(if relaxed {
+                "SET LOCAL synchronous_commit TO OFF;COMMIT;"
+            } else {
+                "COMMIT;"
+            });
+        }
         for (ns, keys) in std::mem::take(&mut x.deferred) {
-            let r = x.conn.client.query_typed(
-                "SELECT count(*) FROM (SELECT pg_advisory_unlock($1, b) FROM unnest($2::int4[]) AS b) s",
-                &[(&ns, Type::INT4), (&keys, Type::INT4_ARRAY)],
-            );
-            if r.is_err() {
-                // Locks may be left on the session: never reuse it.
-                x.conn.broken = true;
+            for k in keys {
+                sql.push_str(&format!("SELECT pg_advisory_unlock({ns}, {k});"));
+            }
+        }
+        x.in_txn = false;
+        if relaxed {
+            UNSYNCED.with(|u| u.borrow_mut().push(x.backend));
+        }
+        if !sql.is_empty() {
+            match x.conn.client.simple_query(&sql) {
+                // Locks or a transaction may be left on the session: never
+                // reuse it (the pool closes it; the server then releases
+                // everything it held).
+                Err(_) => x.conn.broken = true,
+                Ok(_) if !relaxed => {
+                    UNSYNCED.with(|u| u.borrow_mut().retain(|&b| b != x.backend));
+                }
+                Ok(_) => {}
             }
         }
         h.swap_remove(i);
@@ -427,13 +523,21 @@ impl PgBackend {
                 &[(&parts, Type::INT4_ARRAY)],
             )
         })
-        .map(|rows| rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        .and_then(|rows| {
+            rows.iter()
+                .map(|r| Ok((cell(r, 0)?, cell(r, 1)?)))
+                .collect()
+        })
     }
 
     /// Every keyring unit, in order.
     pub(crate) fn keyring_all(&self) -> Result<Vec<(i32, Vec<u8>)>> {
         self.with_conn(|c| c.query_typed("SELECT part, v FROM bioseal.keyring ORDER BY part", &[]))
-            .map(|rows| rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+            .and_then(|rows| {
+                rows.iter()
+                    .map(|r| Ok((cell(r, 0)?, cell(r, 1)?)))
+                    .collect()
+            })
     }
 
     /// Write keyring units in one statement (insert or overwrite).
@@ -454,6 +558,13 @@ impl PgBackend {
         })
         .map(|_| ())
     }
+}
+
+/// Column `i` of a row, typed: a row of another shape (a schema altered
+/// behind bioseal's back, a NULL) is `Tampered`, never a panic.
+fn cell<'a, T: postgres::types::FromSql<'a>>(r: &'a postgres::Row, i: usize) -> Result<T> {
+    r.try_get(i)
+        .map_err(|_| Error::tampered("database row (unexpected shape)"))
 }
 
 /// A PostgreSQL error's message: the server's own text (no connection
@@ -484,7 +595,37 @@ impl Backend for PgBackend {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>> {
         let sql = &self.sql[table as usize].get;
         self.with_conn(|c| c.query_typed(sql, &[(&key, Type::BYTEA)]))
-            .map(|rows| rows.first().map(|r| r.get(0)))
+            .and_then(|rows| rows.first().map(|r| cell(r, 0)).transpose())
+    }
+
+    fn get_many(&self, keys: &[(Table, &[u8])]) -> Result<Vec<Option<Vec<u8>>>> {
+        let sql = keys
+            .iter()
+            .enumerate()
+            .map(|(i, (t, _))| {
+                format!(
+                    "SELECT {i}::int4, v FROM bioseal.{} WHERE k = ${}",
+                    t.name(),
+                    i + 1
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ");
+        let params: Vec<(&(dyn ToSql + Sync), Type)> = keys
+            .iter()
+            .map(|(_, k)| (k as &(dyn ToSql + Sync), Type::BYTEA))
+            .collect();
+        let rows = self.with_conn(|c| c.query_typed(&sql, &params))?;
+        let mut out = vec![None; keys.len()];
+        for r in rows {
+            let i: i32 = cell(&r, 0)?;
+            let slot = usize::try_from(i)
+                .ok()
+                .and_then(|i| out.get_mut(i))
+                .ok_or_else(|| self.err("unexpected row"))?;
+            *slot = Some(cell(&r, 1)?);
+        }
+        Ok(out)
     }
 
     fn scan(
@@ -510,7 +651,7 @@ impl Backend for PgBackend {
                 )
             })?;
             for r in &rows {
-                let (k, v): (&[u8], &[u8]) = (r.get(0), r.get(1));
+                let (k, v): (&[u8], &[u8]) = (cell(r, 0)?, cell(r, 1)?);
                 if !visit(k, v)? {
                     return Ok(());
                 }
@@ -518,7 +659,7 @@ impl Backend for PgBackend {
             if (rows.len() as i64) < PAGE {
                 return Ok(());
             }
-            after = rows.last().map(|r| r.get::<_, Vec<u8>>(0));
+            after = rows.last().map(|r| cell::<Vec<u8>>(r, 0)).transpose()?;
         }
     }
 
@@ -528,7 +669,9 @@ impl Backend for PgBackend {
             None => self.with_conn(|c| c.query_typed(&s.last, &[]))?,
             Some(at) => self.with_conn(|c| c.query_typed(&s.last_at, &[(&at, Type::BYTEA)]))?,
         };
-        Ok(rows.first().map(|r| (r.get(0), r.get(1))))
+        rows.first()
+            .map(|r| Ok((cell(r, 0)?, cell(r, 1)?)))
+            .transpose()
     }
 
     fn apply(&self, writes: Writes, _atomic: bool) -> Result<()> {
@@ -609,12 +752,21 @@ impl Backend for PgBackend {
         });
     }
 
-    fn lock_buckets(&self, buckets: &[u32]) -> Result<Option<RemoteLock>> {
+    fn lock_buckets(
+        &self,
+        buckets: &[u32],
+        prefetch: &[(u64, usize)],
+    ) -> Result<Option<RemoteLock>> {
         let keys: Vec<i32> = buckets
             .iter()
             .map(|&b| i32::try_from(b).map_err(|_| Error::tampered("bucket index")))
             .collect::<Result<_>>()?;
-        self.lock_keys(&keys).map(Some)
+        let mut parts = Vec::new();
+        for &(off, len) in prefetch {
+            parts.extend(units(off, &vec![0u8; len])?.into_iter().map(|u| u.0));
+        }
+        let ns = self.namespace.load(Ordering::Relaxed);
+        self.lock_in(ns, &keys, false, &parts).map(Some)
     }
 
     fn lock_audit(&self) -> Result<Option<RemoteLock>> {
@@ -697,7 +849,10 @@ impl crate::crypto::keyring::Medium for PgMedium {
     fn read_at(&self, off: u64, len: usize) -> Result<Vec<u8>> {
         let want = units(off, &vec![0u8; len])?;
         let parts: Vec<i32> = want.iter().map(|u| u.0).collect();
-        let rows = self.pg.keyring_parts(&parts)?;
+        let rows = match self.pg.take_prefetched(&parts) {
+            Some(rows) => rows,
+            None => self.pg.keyring_parts(&parts)?,
+        };
         if rows.len() != parts.len()
             || rows
                 .iter()

@@ -254,7 +254,11 @@ impl Backend for SledBackend {
         self.syncer.flush(&self.db)
     }
 
-    fn lock_buckets(&self, _buckets: &[u32]) -> Result<Option<RemoteLock>> {
+    fn lock_buckets(
+        &self,
+        _buckets: &[u32],
+        _prefetch: &[(u64, usize)],
+    ) -> Result<Option<RemoteLock>> {
         Ok(None)
     }
 

@@ -94,6 +94,7 @@ impl Store {
             },
             state,
             sealed_payload: Vec::new(),
+            index_day: None,
         };
         self.put_subject(&mut w, &p, b, &l, true)?;
         w.apply(&*self.db)?;

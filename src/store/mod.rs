@@ -165,6 +165,9 @@ struct Loaded {
     /// The payload as sealed on disk (empty for a subject not yet written),
     /// kept so that a state change rewrites it without re-sealing.
     sealed_payload: Vec<u8>,
+    /// The day its retention-index pointer named when it was read (`None`:
+    /// not read; then `put_subject` reads it).
+    index_day: Option<Option<u32>>,
 }
 
 mod lifecycle;
@@ -494,7 +497,12 @@ impl Store {
                 _remote: None,
             })
             .collect();
-        if let Some(remote) = self.db.lock_buckets(buckets)? {
+        let prefetch = if self.db.shared() {
+            self.keyring.slot_ranges(buckets)
+        } else {
+            Vec::new()
+        };
+        if let Some(remote) = self.db.lock_buckets(buckets, &prefetch)? {
             if let Some(first) = guards.first_mut() {
                 first._remote = Some(remote);
             }

@@ -3,22 +3,26 @@
 use super::*;
 
 impl Store {
-    pub(super) fn load(&self, key: &[u8]) -> Result<Option<SubjectRecord>> {
-        match self.db.get(Table::Records, key)? {
-            None => Ok(None),
-            Some(v) => SubjectRecord::decode(&v).map(Some),
-        }
-    }
-
     /// Read and open a subject's record and state (caller holds the lock).
+    /// One unit of work reads the record, the bucket's key table and the
+    /// index pointer.
     pub(super) fn load_subject(&self, p: &Pseudonym, b: u32, key: &[u8]) -> Result<Option<Loaded>> {
-        let Some(rec) = self.load(key)? else {
+        let (tk, pk) = (storage::key_table_key(b), storage::deadline_ptr_key(b, p));
+        let mut got = self
+            .db
+            .get_many(&[
+                (Table::Records, key),
+                (Table::Keys, &tk),
+                (Table::Records, &pk),
+            ])?
+            .into_iter();
+        let (Some(rec), Some(table), Some(ptr)) = (got.next(), got.next(), got.next()) else {
+            return Err(Error::tampered("storage answer"));
+        };
+        let Some(rec) = rec.map(|v| SubjectRecord::decode(&v)).transpose()? else {
             return Ok(None);
         };
-        let table = self
-            .db
-            .get(Table::Keys, &storage::key_table_key(b))?
-            .ok_or(Error::tampered("bucket key table (missing)"))?;
+        let table = table.ok_or(Error::tampered("bucket key table (missing)"))?;
         let (generation, wrapped) = DekTable::find(&table, p)?
             .ok_or(Error::tampered("bucket key table (no entry for a record)"))?;
         let dek = self.unwrap_dek(p, b, generation, &wrapped)?;
@@ -33,6 +37,7 @@ impl Store {
             payload,
             state,
             sealed_payload: rec.payload,
+            index_day: Some(ptr.as_deref().and_then(be_u32)),
         }))
     }
 
@@ -57,11 +62,14 @@ impl Store {
         let key = AeadKey::new(&l.dek);
         let day = day_of(self.deadline(&l.payload.consent, &l.state).unix_secs());
         let ptr = storage::deadline_ptr_key(b, p);
-        let old = self
-            .db
-            .get(Table::Records, &ptr)?
-            .as_deref()
-            .and_then(be_u32);
+        let old = match l.index_day {
+            Some(known) => known,
+            None => self
+                .db
+                .get(Table::Records, &ptr)?
+                .as_deref()
+                .and_then(be_u32),
+        };
         if old != Some(day) {
             w.insert(&storage::deadline_key(day, b, p)[..], &[][..]);
         }
