@@ -244,3 +244,57 @@ fn a_server_restart_mid_run_fails_calls_typed_and_loses_nothing_acknowledged() {
         errors.len()
     );
 }
+
+/// TLS when the URL asks for it: a server that accepts TCP connections
+/// over TLS only (`hostssl`) is reached with `sslmode=require` and its CA
+/// in `sslrootcert`; without TLS it refuses; with another CA the
+/// certificate is refused (it is always verified). Each failure is one
+/// typed `Storage` line.
+#[test]
+fn tls_when_the_url_asks_for_it_and_the_server_is_always_verified() {
+    if pg::skipped("tls_when_the_url_asks_for_it") {
+        return;
+    }
+    let (server, port, ca) = pg::Server::start_tls();
+    server.fresh_database("tls");
+    let url = |q: &str| format!("postgresql://postgres@localhost:{port}/tls?{q}");
+    let tls = url(&format!("sslmode=require&sslrootcert={}", ca.display()));
+    {
+        let s = Store::open(config(&tls, 1)).expect("open over TLS");
+        s.enroll("alice", Embedding::new(vector(1)), consent())
+            .expect("enroll");
+        assert_eq!(
+            s.verify("alice", &IDV, Embedding::new(vector(1)))
+                .expect("verify"),
+            Decision::Match
+        );
+    }
+    for (what, u) in [
+        ("no TLS", url("sslmode=disable")),
+        ("another CA", {
+            // A CA of its own: the server's certificate does not chain to it.
+            let other = server.dir.join("other-ca.crt");
+            let ok = std::process::Command::new("sh")
+                .args([
+                    "-c",
+                    &format!(
+                        "openssl req -x509 -newkey rsa:2048 -nodes -keyout /dev/null -out {} -days 1 -subj /CN=other 2>/dev/null",
+                        other.display()
+                    ),
+                ])
+                .status()
+                .expect("openssl");
+            assert!(ok.success());
+            url(&format!("sslmode=require&sslrootcert={}", other.display()))
+        }),
+        ("the Mozilla roots", url("sslmode=require")),
+    ] {
+        match Store::open(config(&u, 1)) {
+            Err(Error::Storage(m)) => {
+                assert!(m.contains(&format!("localhost:{port}")), "{what}: {m}");
+                assert!(!m.contains('\n'), "{what}: {m}");
+            }
+            other => panic!("{what}: expected a Storage error, got {other:?}"),
+        }
+    }
+}

@@ -198,6 +198,7 @@ pub struct Server {
     pub data: PathBuf,
     pub sock: PathBuf,
     bin: PathBuf,
+    port: u16,
 }
 
 impl Server {
@@ -231,6 +232,7 @@ impl Server {
             data,
             sock,
             bin,
+            port: 5432,
         };
         s.start_again();
         s
@@ -238,8 +240,12 @@ impl Server {
 
     /// Start the (stopped) server and wait until it accepts connections.
     pub fn start_again(&self) {
+        self.start_with("-c listen_addresses=");
+    }
+
+    fn start_with(&self, options: &str) {
         let ok = as_server_user(&format!(
-            "{}/pg_ctl -D {} -l {}/log -w -o \"-k {} -c listen_addresses= -c fsync=on\" start >/dev/null",
+            "{}/pg_ctl -D {} -l {}/log -w -o \"-k {} -c fsync=on {options}\" start >/dev/null",
             self.bin.display(),
             self.data.display(),
             self.dir.display(),
@@ -248,6 +254,61 @@ impl Server {
         .status()
         .expect("pg_ctl start");
         assert!(ok.success(), "pg_ctl start failed");
+    }
+
+    /// A server that takes TCP connections on 127.0.0.1:`port` over TLS
+    /// only (`hostssl`; the Unix socket stays open for the test's own
+    /// admin client), with a certificate for `localhost` issued by a test
+    /// CA. Returns the server, the port and the CA certificate's path.
+    pub fn start_tls() -> (Server, u16, PathBuf) {
+        let mut s = Server::start();
+        s.stop("fast");
+        let d = s.dir.display().to_string();
+        let openssl = |args: &str| {
+            let ok = Command::new("sh")
+                .args(["-c", &format!("cd {d} && openssl {args} 2>/dev/null")])
+                .status()
+                .expect("openssl");
+            assert!(ok.success(), "openssl {args}");
+        };
+        openssl("req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 -subj /CN=bioseal-test-ca");
+        openssl(
+            "req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=localhost",
+        );
+        std::fs::write(
+            s.dir.join("ext.cnf"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        )
+        .expect("ext");
+        openssl("x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt -days 2 -extfile ext.cnf");
+        std::fs::write(
+            s.data.join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+        )
+        .expect("hba");
+        if is_root() {
+            let ok = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&s.dir)
+                .status()
+                .expect("chown");
+            assert!(ok.success());
+        }
+        std::fs::set_permissions(
+            s.dir.join("server.key"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .expect("chmod");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        s.port = port;
+        s.start_with(&format!(
+            "-c listen_addresses=127.0.0.1 -c port={port} -c ssl=on -c ssl_cert_file={d}/server.crt -c ssl_key_file={d}/server.key"
+        ));
+        let ca = s.dir.join("ca.crt");
+        (s, port, ca)
     }
 
     /// Stop the server: `mode` is `fast` or `immediate` (no checkpoint:
@@ -263,10 +324,13 @@ impl Server {
 
     /// URL of database `db` on this server.
     pub fn url(&self, db: &str) -> String {
-        format!(
-            "postgresql://postgres@localhost/{db}?host={}",
-            self.sock.display()
-        )
+        let sock: String = self
+            .sock
+            .display()
+            .to_string()
+            .replace('%', "%25")
+            .replace('/', "%2F");
+        format!("postgresql://postgres@{sock}:{}/{db}", self.port)
     }
 
     /// A new database on this server; its URL.

@@ -21,6 +21,12 @@
 //! Queries use `query_typed` (parameters typed by the client): one round
 //! trip each, no prepare step.
 
+mod keyring;
+mod tls;
+
+use keyring::units;
+pub(crate) use keyring::PgMedium;
+
 use super::{Backend, RemoteLock, Row, Table, Visit, Writes};
 use crate::error::{Error, Result};
 use postgres::types::{ToSql, Type};
@@ -49,6 +55,7 @@ pub(crate) struct Conn {
 
 struct Manager {
     config: postgres::Config,
+    tls: tls::Tls,
 }
 
 impl r2d2::ManageConnection for Manager {
@@ -57,7 +64,7 @@ impl r2d2::ManageConnection for Manager {
 
     fn connect(&self) -> std::result::Result<Conn, postgres::Error> {
         Ok(Conn {
-            client: self.config.connect(postgres::NoTls)?,
+            client: self.tls.connect(&self.config)?,
             broken: false,
         })
     }
@@ -200,6 +207,7 @@ impl PgBackend {
     /// and create the schema if it is missing. Errors name the host and
     /// port, never the password.
     pub(crate) fn connect(url: &str, pool_size: u32) -> Result<Arc<PgBackend>> {
+        let (url, tls) = tls::prepare(url)?;
         let config: postgres::Config = url.parse().map_err(|e: postgres::Error| {
             // The message of a parse error quotes no part of the URL.
             Error::Config(format!("not a PostgreSQL URL: {e}"))
@@ -211,8 +219,7 @@ impl PgBackend {
         }
         // One direct attempt first: an unreachable server is reported at
         // once, not after the pool's retries.
-        config
-            .connect(postgres::NoTls)
+        tls.connect(&config)
             .map_err(|e| Error::Storage(format!("{name}: {}", pg_message(&e))))?;
         let pool = r2d2::Pool::builder()
             .max_size(pool_size.max(2))
@@ -220,7 +227,7 @@ impl PgBackend {
             .test_on_check_out(false)
             .connection_timeout(Duration::from_secs(3))
             .error_handler(Box::new(r2d2::NopErrorHandler))
-            .build_unchecked(Manager { config });
+            .build_unchecked(Manager { config, tls });
         let sql = Table::ALL.map(TableSql::new);
         let tables = Table::ALL.map(|t| format!("bioseal.{}", t.name()));
         let mut apply_sql = String::from("WITH ");
@@ -791,92 +798,5 @@ impl Backend for PgBackend {
 
     fn describe(&self) -> String {
         self.name.clone()
-    }
-}
-
-/// Unit of the keyring image in `bioseal.keyring` (one row each).
-const UNIT: usize = 128;
-
-/// The keyring image in `bioseal.keyring`, one row per 128-byte unit.
-/// Each batch of writes is one statement.
-pub(crate) struct PgMedium {
-    pg: Arc<PgBackend>,
-}
-
-impl PgMedium {
-    pub(crate) fn new(pg: Arc<PgBackend>) -> PgMedium {
-        PgMedium { pg }
-    }
-
-    /// Whether the database holds a keyring.
-    pub(crate) fn exists(&self) -> Result<bool> {
-        Ok(!self.pg.keyring_parts(&[0])?.is_empty())
-    }
-
-    /// Write a new image (in one statement).
-    pub(crate) fn create(&self, image: &[u8]) -> Result<()> {
-        self.pg.keyring_write(&units(0, image)?)
-    }
-}
-
-/// `bytes` at offset `off` as whole units.
-fn units(off: u64, bytes: &[u8]) -> Result<Vec<(i32, Vec<u8>)>> {
-    let bad = || Error::tampered("keyring write (not whole 128-byte units)");
-    if off as usize % UNIT != 0 || bytes.len() % UNIT != 0 {
-        return Err(bad());
-    }
-    let first = i32::try_from(off as usize / UNIT).map_err(|_| bad())?;
-    Ok(bytes
-        .chunks(UNIT)
-        .zip(first..)
-        .map(|(c, p)| (p, c.to_vec()))
-        .collect())
-}
-
-impl crate::crypto::keyring::Medium for PgMedium {
-    fn read_all(&self) -> Result<Vec<u8>> {
-        let rows = self.pg.keyring_all()?;
-        let mut out = Vec::with_capacity(rows.len() * UNIT);
-        for (i, (part, v)) in rows.into_iter().enumerate() {
-            if part as usize != i || v.len() != UNIT {
-                return Err(Error::tampered("keyring rows"));
-            }
-            out.extend_from_slice(&v);
-        }
-        Ok(out)
-    }
-
-    fn read_at(&self, off: u64, len: usize) -> Result<Vec<u8>> {
-        let want = units(off, &vec![0u8; len])?;
-        let parts: Vec<i32> = want.iter().map(|u| u.0).collect();
-        let rows = match self.pg.take_prefetched(&parts) {
-            Some(rows) => rows,
-            None => self.pg.keyring_parts(&parts)?,
-        };
-        if rows.len() != parts.len()
-            || rows
-                .iter()
-                .zip(&parts)
-                .any(|((p, v), q)| p != q || v.len() != UNIT)
-        {
-            return Err(Error::tampered("keyring rows"));
-        }
-        Ok(rows.into_iter().flat_map(|(_, v)| v).collect())
-    }
-
-    fn write(&self, writes: &[(u64, Vec<u8>)]) -> Result<()> {
-        let mut all = Vec::new();
-        for (off, bytes) in writes {
-            all.extend(units(*off, bytes)?);
-        }
-        self.pg.keyring_write(&all)
-    }
-
-    fn lock_state(&self) -> Result<Option<RemoteLock>> {
-        self.pg.lock_store().map(Some)
-    }
-
-    fn shared(&self) -> bool {
-        true
     }
 }
