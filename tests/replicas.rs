@@ -40,8 +40,10 @@ impl FileClock {
     }
 }
 
-fn config(url: &str, clock: &FileClock, buckets: u32) -> StoreConfig {
+/// `pad`: attested presentation-attack detection (limits 10 and 100).
+fn config(url: &str, clock: &FileClock, buckets: u32, pad: bool) -> StoreConfig {
     StoreConfig::new(url, RootKey::from_bytes([0x42; 32]))
+        .presentation_attack_detection(pad)
         .model(MODEL, DIM)
         .threshold(Threshold::cosine(0.5))
         .buckets(buckets)
@@ -96,7 +98,8 @@ fn replica_worker() {
         .and_then(|b| b.parse().ok())
         .unwrap_or(1);
     let clock = FileClock(PathBuf::from(clock));
-    let store = Store::open(config(&url, &clock, buckets)).expect("replica opens the store");
+    let pad = std::env::var("BIOSEAL_REPLICA_PAD").is_ok_and(|v| v == "1");
+    let store = Store::open(config(&url, &clock, buckets, pad)).expect("replica opens the store");
     let mut out = std::io::stdout().lock();
     writeln!(out, "ready").expect("stdout");
     out.flush().expect("flush");
@@ -260,27 +263,41 @@ struct Setup {
     _dir: tempfile::TempDir,
     store: Store,
     buckets: u32,
+    pad: bool,
 }
 
 impl Setup {
     fn new(buckets: u32) -> Setup {
+        Setup::with_pad(buckets, false)
+    }
+
+    fn with_pad(buckets: u32, pad: bool) -> Setup {
         let url = pg::fresh_database();
         let dir = tempfile::tempdir().expect("tempdir");
         let clock = FileClock(dir.path().join("clock"));
         clock.set(T0);
-        let store = Store::open(config(&url, &clock, buckets)).expect("create store");
+        let store = Store::open(config(&url, &clock, buckets, pad)).expect("create store");
         Setup {
             url,
             clock,
             _dir: dir,
             store,
             buckets,
+            pad,
         }
     }
 
     fn replicas(&self, n: usize) -> Vec<Replica> {
         (0..n)
-            .map(|_| Replica::spawn(&self.url, &self.clock.0, self.buckets, &[]))
+            .map(|_| {
+                let pad = if self.pad { "1" } else { "0" };
+                Replica::spawn(
+                    &self.url,
+                    &self.clock.0,
+                    self.buckets,
+                    &[("BIOSEAL_REPLICA_PAD", pad)],
+                )
+            })
             .collect()
     }
 }
@@ -305,23 +322,21 @@ fn count(answers: &[String], key: &str) -> u32 {
 }
 
 /// Three replicas send impostor probes to one subject at once: exactly 5
-/// comparisons (10 with PAD is the same code path with another number)
-/// before the 30 s wait, then exactly one per 30 s, and none after the
-/// hard limit, whatever the interleaving.
-#[test]
-fn attempt_limits_are_exact_across_replicas() {
-    if pg::skipped("attempt_limits_are_exact_across_replicas") {
-        return;
-    }
-    let s = Setup::new(4);
+/// comparisons (10 with attested PAD) before the 30 s wait, then exactly
+/// one per 30 s, and none after the hard limit (50, 100), whatever the
+/// interleaving.
+fn exact_limits(pad: bool) {
+    let (soft, hard) = if pad { (10u32, 50u32 * 2) } else { (5, 50) };
+    let s = Setup::with_pad(4, pad);
     s.store
         .enroll("s", Embedding::new(vector(1)), consent(s.clock.now(), 100))
         .expect("enroll");
     let mut reps = s.replicas(3);
-    // Soft limit: 3 x 8 impostor probes at once, 5 compared.
-    let a = all(&mut reps, "burst s 999 8");
-    assert_eq!(count(&a, "NoMatch"), 5, "{a:?}");
-    assert_eq!(count(&a, "LockedOut"), 19, "{a:?}");
+    // Soft limit: 3 x 8 (x 2 with PAD) impostor probes at once.
+    let burst = if pad { 16 } else { 8 };
+    let a = all(&mut reps, &format!("burst s 999 {burst}"));
+    assert_eq!(count(&a, "NoMatch"), soft, "{a:?}");
+    assert_eq!(count(&a, "LockedOut"), 3 * burst - soft, "{a:?}");
     // Then one comparison per 30 s, among all replicas.
     for round in 0..3 {
         s.clock.advance(Duration::from_secs(30));
@@ -329,8 +344,8 @@ fn attempt_limits_are_exact_across_replicas() {
         assert_eq!(count(&a, "NoMatch"), 1, "round {round}: {a:?}");
         assert_eq!(count(&a, "LockedOut"), 11, "round {round}: {a:?}");
     }
-    // On to the hard limit (50 failures) from this replica.
-    for _ in 8..50 {
+    // On to the hard limit from this replica.
+    for _ in soft + 3..hard {
         s.clock.advance(Duration::from_secs(30));
         assert_eq!(
             s.store
@@ -345,6 +360,15 @@ fn attempt_limits_are_exact_across_replicas() {
     assert_eq!(count(&a, "VerificationDisabled"), 9, "{a:?}");
     let a = all(&mut reps, "burst s 1 3");
     assert_eq!(count(&a, "VerificationDisabled"), 9, "{a:?}");
+}
+
+#[test]
+fn attempt_limits_are_exact_across_replicas() {
+    if pg::skipped("attempt_limits_are_exact_across_replicas") {
+        return;
+    }
+    exact_limits(false);
+    exact_limits(true);
 }
 
 /// A revoke on one replica is `NotEnrolled` on every other at once (their
