@@ -99,12 +99,24 @@ struct Held {
     deferred: Vec<(i32, Vec<i32>)>,
     /// Keyring rows read with the locks (see `Backend::lock_buckets`).
     prefetch: std::collections::HashMap<i32, Vec<u8>>,
+    /// Writes applied under the locks and not yet sent: they go with the
+    /// next statement, or in the commit's round trip.
+    pending: Vec<(Table, Vec<u8>, Option<Vec<u8>>)>,
 }
 
 impl Held {
+    /// Open the transaction if none is, and send the pending writes (a
+    /// statement that follows them must see them).
     fn begin(&mut self) -> std::result::Result<(), postgres::Error> {
+        let mut sql = String::new();
         if !self.in_txn {
-            self.conn.client.simple_query("BEGIN")?;
+            sql.push_str("BEGIN;");
+        }
+        sql.push_str(&apply_literal(std::mem::take(&mut self.pending)));
+        if !sql.is_empty() {
+            self.conn.client.simple_query(&sql)?;
+        }
+        if !self.in_txn {
             self.in_txn = true;
             self.relaxed = false;
             self.strict = false;
@@ -114,23 +126,37 @@ impl Held {
 
     /// Commit the open transaction: synchronously (durable when this
     /// returns) unless relaxed, or `force` asks for it.
-    fn commit(&mut self, force: bool) -> std::result::Result<(), postgres::Error> {
-        if !self.in_txn {
-            return Ok(());
+    /// The statements that send the pending writes and commit (empty:
+    /// nothing to do); the transaction counts as closed from here.
+    fn commit_sql(&mut self, force: bool) -> String {
+        let writes = apply_literal(std::mem::take(&mut self.pending));
+        if !self.in_txn && writes.is_empty() {
+            return String::new();
         }
+        let mut sql = String::new();
+        if !self.in_txn {
+            sql.push_str("BEGIN;");
+        }
+        sql.push_str(&writes);
         self.in_txn = false;
         let relaxed = self.relaxed && !self.strict && !force;
         if relaxed {
             UNSYNCED.with(|u| u.borrow_mut().push(self.backend));
+            // Durable within PostgreSQL's WAL writer delay, in commit
+            // order: what group commit is in embedded mode.
+            sql.push_str("SET LOCAL synchronous_commit TO OFF;");
         }
-        let sql = if relaxed {
-            // Durable within PostgreSQL's WAL writer delay, in commit order:
-            // what group commit is in embedded mode.
-            "SET LOCAL synchronous_commit TO OFF; COMMIT"
-        } else {
-            "COMMIT"
-        };
-        let r = self.conn.client.simple_query(sql).map(|_| ());
+        sql.push_str("COMMIT;");
+        sql
+    }
+
+    fn commit(&mut self, force: bool) -> std::result::Result<(), postgres::Error> {
+        let sql = self.commit_sql(force);
+        if sql.is_empty() {
+            return Ok(());
+        }
+        let relaxed = self.relaxed && !self.strict && !force;
+        let r = self.conn.client.simple_query(&sql).map(|_| ());
         match &r {
             Err(_) => self.conn.broken = true,
             // A synchronous commit made this thread's earlier asynchronous
@@ -364,6 +390,7 @@ impl PgBackend {
                     strict: false,
                     deferred: Vec::new(),
                     prefetch: std::collections::HashMap::new(),
+                    pending: Vec::new(),
                 })
             });
         }
@@ -485,24 +512,15 @@ fn unlock(id: usize, ns: i32, keys: &[i32], xact: bool) {
         if x.depth > 0 {
             return;
         }
-        // One round trip: the commit, then the session unlocks.
-        let relaxed = x.in_txn && x.relaxed && !x.strict;
-        let mut sql = String::new();
-        if x.in_txn {
-            sql.push_str(if relaxed {
-                "SET LOCAL synchronous_commit TO OFF;COMMIT;"
-            } else {
-                "COMMIT;"
-            });
-        }
+        // One round trip: the pending writes, the commit, then the session
+        // unlocks.
+        let relaxed = x.relaxed && !x.strict;
+        let mut sql = x.commit_sql(false);
+        let commits = !sql.is_empty();
         for (ns, keys) in std::mem::take(&mut x.deferred) {
             for k in keys {
                 sql.push_str(&format!("SELECT pg_advisory_unlock({ns}, {k});"));
             }
-        }
-        x.in_txn = false;
-        if relaxed {
-            UNSYNCED.with(|u| u.borrow_mut().push(x.backend));
         }
         if !sql.is_empty() {
             match x.conn.client.simple_query(&sql) {
@@ -510,7 +528,7 @@ fn unlock(id: usize, ns: i32, keys: &[i32], xact: bool) {
                 // reuse it (the pool closes it; the server then releases
                 // everything it held).
                 Err(_) => x.conn.broken = true,
-                Ok(_) if !relaxed => {
+                Ok(_) if commits && !relaxed => {
                     UNSYNCED.with(|u| u.borrow_mut().retain(|&b| b != x.backend));
                 }
                 Ok(_) => {}
@@ -565,6 +583,65 @@ impl PgBackend {
         })
         .map(|_| ())
     }
+}
+
+/// The apply statement with its values as literals (`decode('..','hex')`:
+/// no quoting, whatever the server's string settings), for a simple query
+/// that carries other statements in the same round trip. Later writes to a
+/// key win. Empty for no writes.
+fn apply_literal(writes: Vec<(Table, Vec<u8>, Option<Vec<u8>>)>) -> String {
+    if writes.is_empty() {
+        return String::new();
+    }
+    let mut last: std::collections::HashMap<(Table, Vec<u8>), Option<Vec<u8>>> =
+        std::collections::HashMap::new();
+    for (t, k, v) in writes {
+        last.insert((t, k), v);
+    }
+    let hex = |b: &[u8]| {
+        let mut s = String::with_capacity(b.len() * 2 + 24);
+        s.push_str("decode('");
+        for x in b {
+            s.push_str(&format!("{x:02x}"));
+        }
+        s.push_str("','hex')");
+        s
+    };
+    let array = |items: &[String]| {
+        if items.is_empty() {
+            "'{}'::bytea[]".to_owned()
+        } else {
+            format!("ARRAY[{}]::bytea[]", items.join(","))
+        }
+    };
+    let mut sql = String::new();
+    for t in Table::ALL {
+        let (mut dels, mut keys, mut vals) = (Vec::new(), Vec::new(), Vec::new());
+        for ((tt, k), v) in &last {
+            if *tt != t {
+                continue;
+            }
+            match v {
+                None => dels.push(hex(k)),
+                Some(v) => {
+                    keys.push(hex(k));
+                    vals.push(hex(v));
+                }
+            }
+        }
+        let n = format!("bioseal.{}", t.name());
+        if !dels.is_empty() {
+            sql.push_str(&format!("DELETE FROM {n} WHERE k = ANY({});", array(&dels)));
+        }
+        if !keys.is_empty() {
+            sql.push_str(&format!(
+                "INSERT INTO {n} (k, v) SELECT * FROM unnest({}, {}) ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v;",
+                array(&keys),
+                array(&vals)
+            ));
+        }
+    }
+    sql
 }
 
 /// Column `i` of a row, typed: a row of another shape (a schema altered
@@ -682,6 +759,19 @@ impl Backend for PgBackend {
     }
 
     fn apply(&self, writes: Writes, _atomic: bool) -> Result<()> {
+        // Under a lock: kept for the next statement or the commit (the
+        // transaction makes them atomic either way).
+        let mut writes = Some(writes);
+        HELD.with(|h| {
+            if let Some(x) = h.borrow_mut().iter_mut().find(|x| x.backend == self.id) {
+                if let Some(w) = writes.take() {
+                    x.pending.extend(w.0);
+                }
+            }
+        });
+        let Some(writes) = writes else {
+            return Ok(());
+        };
         // One statement: atomic whether asked or not. Later writes to a key
         // win, as they would applied in order.
         let mut last: std::collections::HashMap<(Table, Vec<u8>), Option<Vec<u8>>> =
@@ -722,7 +812,7 @@ impl Backend for PgBackend {
             let mut h = h.borrow_mut();
             h.iter_mut()
                 .find(|x| x.backend == self.id)
-                .map(|x| (x.in_txn, x.commit(true)))
+                .map(|x| (x.in_txn || !x.pending.is_empty(), x.commit(true)))
         });
         let synced_here = match held {
             Some((was_open, r)) => {
