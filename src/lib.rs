@@ -19,7 +19,12 @@
 //!   overwrites the old one in place, so no copy of the data files can bring
 //!   the template back.
 //!
-//! SECURITY.md in the repository is the threat model.
+//! - Embedded by default (sled in a directory, owned by one process); with
+//!   a `postgresql://` location (feature `postgres`), any number of service
+//!   replicas share one store on PostgreSQL, attempt limits and revocations
+//!   exact across them (see [`StoreConfig::new`]).
+//!
+//! SECURITY.md in the repository is the threat model (§16: shared mode).
 //!
 //! ## Example
 //!

@@ -599,10 +599,12 @@ fn apply_literal(writes: Vec<(Table, Vec<u8>, Option<Vec<u8>>)>) -> String {
         last.insert((t, k), v);
     }
     let hex = |b: &[u8]| {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
         let mut s = String::with_capacity(b.len() * 2 + 24);
         s.push_str("decode('");
-        for x in b {
-            s.push_str(&format!("{x:02x}"));
+        for &x in b {
+            s.push(char::from(DIGITS[usize::from(x >> 4)]));
+            s.push(char::from(DIGITS[usize::from(x & 15)]));
         }
         s.push_str("','hex')");
         s
