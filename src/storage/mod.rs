@@ -182,6 +182,23 @@ impl Table {
 /// A key and its value.
 pub(crate) type Row = (Vec<u8>, Vec<u8>);
 
+/// A value read from a backend: sled's own buffer (no copy on the verify
+/// path) or bytes received from the database.
+pub(crate) enum Value {
+    Sled(::sled::IVec),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Value {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Value::Sled(v) => v,
+            Value::Owned(v) => v,
+        }
+    }
+}
+
 /// A scan's visitor: gets each key and value in key order, returns whether
 /// to go on.
 pub(crate) type Visit<'a> = dyn FnMut(&[u8], &[u8]) -> Result<bool> + 'a;
@@ -194,10 +211,10 @@ pub(crate) type RemoteLock = Box<dyn Send>;
 /// key or a plaintext.
 pub(crate) trait Backend: Send + Sync {
     /// The value under `key`.
-    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>>;
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Value>>;
     /// The values under several keys, in one unit of work (one round trip
     /// in shared mode).
-    fn get_many(&self, keys: &[(Table, &[u8])]) -> Result<Vec<Option<Vec<u8>>>> {
+    fn get_many(&self, keys: &[(Table, &[u8])]) -> Result<Vec<Option<Value>>> {
         keys.iter().map(|(t, k)| self.get(*t, k)).collect()
     }
     /// Visit every entry with `from <= key < to` (`to = None`: to the end)
@@ -345,7 +362,7 @@ const MARK_KEY: &[u8] = b"mark";
 pub(crate) fn store_id(db: &dyn Backend) -> Result<Option<[u8; 16]>> {
     match db.get(Table::Meta, STORE_ID_KEY)? {
         None => Ok(None),
-        Some(v) => <[u8; 16]>::try_from(v.as_slice())
+        Some(v) => <[u8; 16]>::try_from(&v[..])
             .map(Some)
             .map_err(|_| Error::tampered("store id record")),
     }

@@ -4,7 +4,7 @@
 //! trees, so writes keep their order across tables; a durability point is
 //! sled's `flush` followed by [`Syncer::sync`].
 
-use super::{Backend, RemoteLock, Row, Table, Visit, Writes};
+use super::{Backend, RemoteLock, Row, Table, Value, Visit, Writes};
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
 
@@ -186,8 +186,8 @@ impl SledBackend {
 }
 
 impl Backend for SledBackend {
-    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        Ok(self.tree(table).get(key)?.map(|v| v.to_vec()))
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Value>> {
+        Ok(self.tree(table).get(key)?.map(Value::Sled))
     }
 
     fn scan(

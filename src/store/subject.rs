@@ -4,21 +4,22 @@ use super::*;
 
 impl Store {
     /// Read and open a subject's record and state (caller holds the lock).
-    /// One unit of work reads the record, the bucket's key table and the
-    /// index pointer.
+    /// One unit of work reads the record and the bucket's key table (and,
+    /// shared mode, the index pointer).
     pub(super) fn load_subject(&self, p: &Pseudonym, b: u32, key: &[u8]) -> Result<Option<Loaded>> {
         let (tk, pk) = (storage::key_table_key(b), storage::deadline_ptr_key(b, p));
-        let mut got = self
-            .db
-            .get_many(&[
-                (Table::Records, key),
-                (Table::Keys, &tk),
-                (Table::Records, &pk),
-            ])?
-            .into_iter();
-        let (Some(rec), Some(table), Some(ptr)) = (got.next(), got.next(), got.next()) else {
+        // The index pointer is needed only by a write (at most one a day on
+        // the match path): read with the rest where a read is a round trip
+        // (shared mode), and only when written otherwise.
+        let mut keys = vec![(Table::Records, key), (Table::Keys, &tk[..])];
+        if self.db.shared() {
+            keys.push((Table::Records, &pk[..]));
+        }
+        let mut got = self.db.get_many(&keys)?.into_iter();
+        let (Some(rec), Some(table)) = (got.next(), got.next()) else {
             return Err(Error::tampered("storage answer"));
         };
+        let index_day = got.next().map(|ptr| ptr.as_deref().and_then(be_u32));
         let Some(rec) = rec.map(|v| SubjectRecord::decode(&v)).transpose()? else {
             return Ok(None);
         };
@@ -37,7 +38,7 @@ impl Store {
             payload,
             state,
             sealed_payload: rec.payload,
-            index_day: Some(ptr.as_deref().and_then(be_u32)),
+            index_day,
         }))
     }
 

@@ -345,7 +345,7 @@ fn audit_segments_have_their_own_keys() {
 /// Raw table access for these tests.
 impl Store {
     fn raw_get(&self, t: Table, k: &[u8]) -> Result<Option<Vec<u8>>> {
-        self.db.get(t, k)
+        Ok(self.db.get(t, k)?.map(|v| v.to_vec()))
     }
     fn raw_put(&self, t: Table, k: &[u8], v: impl Into<Vec<u8>>) -> Result<()> {
         let mut w = Writes::default();

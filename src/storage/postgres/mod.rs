@@ -27,7 +27,7 @@ mod tls;
 use keyring::units;
 pub(crate) use keyring::PgMedium;
 
-use super::{Backend, RemoteLock, Row, Table, Visit, Writes};
+use super::{Backend, RemoteLock, Row, Table, Value, Visit, Writes};
 use crate::error::{Error, Result};
 use postgres::types::{ToSql, Type};
 use std::cell::RefCell;
@@ -678,13 +678,17 @@ impl Drop for PgLock {
 }
 
 impl Backend for PgBackend {
-    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>> {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Value>> {
         let sql = &self.sql[table as usize].get;
         self.with_conn(|c| c.query_typed(sql, &[(&key, Type::BYTEA)]))
-            .and_then(|rows| rows.first().map(|r| cell(r, 0)).transpose())
+            .and_then(|rows| {
+                rows.first()
+                    .map(|r| cell(r, 0).map(Value::Owned))
+                    .transpose()
+            })
     }
 
-    fn get_many(&self, keys: &[(Table, &[u8])]) -> Result<Vec<Option<Vec<u8>>>> {
+    fn get_many(&self, keys: &[(Table, &[u8])]) -> Result<Vec<Option<Value>>> {
         let sql = keys
             .iter()
             .enumerate()
@@ -702,14 +706,14 @@ impl Backend for PgBackend {
             .map(|(_, k)| (k as &(dyn ToSql + Sync), Type::BYTEA))
             .collect();
         let rows = self.with_conn(|c| c.query_typed(&sql, &params))?;
-        let mut out = vec![None; keys.len()];
+        let mut out: Vec<Option<Value>> = keys.iter().map(|_| None).collect();
         for r in rows {
             let i: i32 = cell(&r, 0)?;
             let slot = usize::try_from(i)
                 .ok()
                 .and_then(|i| out.get_mut(i))
                 .ok_or_else(|| self.err("unexpected row"))?;
-            *slot = Some(cell(&r, 1)?);
+            *slot = Some(Value::Owned(cell(&r, 1)?));
         }
         Ok(out)
     }
