@@ -384,6 +384,7 @@ impl Medium for FileMedium {
 
 impl Keyring {
     /// Create a new keyring file at `path` (which must not exist).
+    #[cfg(test)]
     pub(crate) fn create(
         path: &Path,
         root: &RootKey,

@@ -554,6 +554,28 @@ struct Opened {
     init_lock: Option<storage::RemoteLock>,
 }
 
+/// The keyring image of a new store (either backend): the configured
+/// threshold is required.
+fn new_keyring_image(
+    config: &StoreConfig,
+    root: &crate::crypto::keys::RootKey,
+    model_id: &str,
+    dim: usize,
+    threshold: Option<Threshold>,
+) -> Result<Vec<u8>> {
+    let t = threshold.ok_or_else(|| {
+        Error::Config("no threshold set for a new store (StoreConfig::threshold)".into())
+    })?;
+    Keyring::image(
+        root,
+        config.buckets,
+        model_id,
+        dim as u32,
+        config.clock.now().unix_secs(),
+        t.as_cosine(),
+    )
+}
+
 /// Embedded mode: the data directory, the key directory and the keyring
 /// file in it.
 fn open_embedded(
@@ -611,19 +633,9 @@ fn open_embedded(
                     what: "the keyring file is missing from the key directory; refusing to create a new one over existing data",
                 });
         } else {
-            let t = threshold.ok_or_else(|| {
-                Error::Config("no threshold set for a new store (StoreConfig::threshold)".into())
-            })?;
-            let k = Keyring::create(
-                &kpath,
-                &root,
-                config.buckets,
-                model_id,
-                dim as u32,
-                config.clock.now().unix_secs(),
-                t.as_cosine(),
-            )?;
-            (k, true)
+            let image = new_keyring_image(config, &root, model_id, dim, threshold)?;
+            let medium = crate::crypto::keyring::FileMedium::create(&kpath, &image)?;
+            (Keyring::load(Arc::new(medium), &root)?, true)
         }
     };
     Ok(Opened {
@@ -664,17 +676,7 @@ fn open_shared(
             what: "the keyring rows are missing from the database; refusing to create a new keyring over existing data",
         });
     } else {
-        let t = threshold.ok_or_else(|| {
-            Error::Config("no threshold set for a new store (StoreConfig::threshold)".into())
-        })?;
-        let image = Keyring::image(
-            &root,
-            config.buckets,
-            model_id,
-            dim as u32,
-            config.clock.now().unix_secs(),
-            t.as_cosine(),
-        )?;
+        let image = new_keyring_image(config, &root, model_id, dim, threshold)?;
         medium.create(&image)?;
         (Keyring::load(medium, &root)?, true)
     };
