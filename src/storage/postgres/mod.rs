@@ -188,7 +188,6 @@ pub(crate) struct PgBackend {
     namespace: std::sync::atomic::AtomicI32,
     /// Per table: get, scan page, last, last at.
     sql: [TableSql; 4],
-    apply_sql: String,
 }
 
 struct TableSql {
@@ -255,24 +254,12 @@ impl PgBackend {
             .error_handler(Box::new(r2d2::NopErrorHandler))
             .build_unchecked(Manager { config, tls });
         let sql = Table::ALL.map(TableSql::new);
-        let tables = Table::ALL.map(|t| format!("bioseal.{}", t.name()));
-        let mut apply_sql = String::from("WITH ");
-        for (i, n) in tables.iter().enumerate() {
-            let (d, k, v) = (3 * i + 1, 3 * i + 2, 3 * i + 3);
-            apply_sql.push_str(&format!(
-                "d{i} AS (DELETE FROM {n} WHERE k = ANY(${d})), \
-                 i{i} AS (INSERT INTO {n} (k, v) SELECT * FROM unnest(${k}::bytea[], ${v}::bytea[]) \
-                 ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v), "
-            ));
-        }
-        apply_sql.push_str("z AS (SELECT 1) SELECT 1");
         let pg = Arc::new(PgBackend {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             pool,
             name,
             namespace: std::sync::atomic::AtomicI32::new(INIT_NAMESPACE),
             sql,
-            apply_sql,
         });
         pg.create_schema()?;
         Ok(pg)
@@ -778,36 +765,13 @@ impl Backend for PgBackend {
         let Some(writes) = writes else {
             return Ok(());
         };
-        // One statement: atomic whether asked or not. Later writes to a key
-        // win, as they would applied in order.
-        let mut last: std::collections::HashMap<(Table, Vec<u8>), Option<Vec<u8>>> =
-            std::collections::HashMap::new();
-        for (t, k, v) in writes.0 {
-            last.insert((t, k), v);
-        }
-        if last.is_empty() {
+        // Outside a lock: the same statements in one simple query, which
+        // PostgreSQL runs as one implicit transaction (atomic).
+        let sql = apply_literal(writes.0);
+        if sql.is_empty() {
             return Ok(());
         }
-        let mut dels: [Vec<Vec<u8>>; 4] = Default::default();
-        let mut keys: [Vec<Vec<u8>>; 4] = Default::default();
-        let mut vals: [Vec<Vec<u8>>; 4] = Default::default();
-        for ((t, k), v) in last {
-            match v {
-                None => dels[t as usize].push(k),
-                Some(v) => {
-                    keys[t as usize].push(k);
-                    vals[t as usize].push(v);
-                }
-            }
-        }
-        let mut params: Vec<(&(dyn ToSql + Sync), Type)> = Vec::with_capacity(12);
-        for i in 0..4 {
-            params.push((&dels[i], Type::BYTEA_ARRAY));
-            params.push((&keys[i], Type::BYTEA_ARRAY));
-            params.push((&vals[i], Type::BYTEA_ARRAY));
-        }
-        self.with_conn(|c| c.query_typed(&self.apply_sql, &params))
-            .map(|_| ())
+        self.with_conn(|c| c.simple_query(&sql)).map(|_| ())
     }
 
     fn flush(&self) -> Result<()> {
