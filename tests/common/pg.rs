@@ -110,26 +110,31 @@ fn as_server_user(cmd: &str) -> Command {
     c
 }
 
-/// Start a server for this test binary; returns its socket directory.
-fn start() -> PathBuf {
+/// Everything below `p` to the server's user (when run as root).
+fn give_to_server_user(p: &Path) {
+    if is_root() {
+        let ok = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(p)
+            .status()
+            .expect("chown");
+        assert!(ok.success(), "chown {} to postgres", p.display());
+    }
+}
+
+/// A new cluster: `initdb` into a kept temporary directory (`prefix`...)
+/// with a socket directory beside it. Returns (binaries, directory, data
+/// directory, socket directory).
+fn new_cluster(prefix: &str) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
     let bin = bin_dir();
     let dir = tempfile::Builder::new()
-        .prefix("bioseal-pg")
+        .prefix(prefix)
         .tempdir()
         .expect("tempdir")
         .keep();
     let (data, sock) = (dir.join("data"), dir.join("s"));
     std::fs::create_dir(&sock).expect("socket dir");
-    if is_root() {
-        for p in [&dir, &sock] {
-            let ok = Command::new("chown")
-                .args(["postgres:postgres"])
-                .arg(p)
-                .status()
-                .expect("chown");
-            assert!(ok.success(), "chown {} to postgres", p.display());
-        }
-    }
+    give_to_server_user(&dir);
     let init = as_server_user(&format!(
         "{}/initdb -D {} -A trust -U postgres --no-sync >/dev/null",
         bin.display(),
@@ -138,6 +143,12 @@ fn start() -> PathBuf {
     .status()
     .expect("initdb");
     assert!(init.success(), "initdb failed");
+    (bin, dir, data, sock)
+}
+
+/// Start a server for this test binary; returns its socket directory.
+fn start() -> PathBuf {
+    let (bin, dir, data, sock) = new_cluster("bioseal-pg");
     // The server runs until this test binary exits; then the watchdog
     // stops it (fast shutdown) and removes the directory.
     let server = format!(
@@ -203,30 +214,7 @@ pub struct Server {
 
 impl Server {
     pub fn start() -> Server {
-        let bin = bin_dir();
-        let dir = tempfile::Builder::new()
-            .prefix("bioseal-pg-own")
-            .tempdir()
-            .expect("tempdir")
-            .keep();
-        let (data, sock) = (dir.join("data"), dir.join("s"));
-        std::fs::create_dir(&sock).expect("socket dir");
-        if is_root() {
-            let ok = Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(&dir)
-                .status()
-                .expect("chown");
-            assert!(ok.success());
-        }
-        let init = as_server_user(&format!(
-            "{}/initdb -D {} -A trust -U postgres --no-sync >/dev/null",
-            bin.display(),
-            data.display()
-        ))
-        .status()
-        .expect("initdb");
-        assert!(init.success(), "initdb failed");
+        let (bin, dir, data, sock) = new_cluster("bioseal-pg-own");
         let s = Server {
             dir,
             data,
@@ -286,14 +274,7 @@ impl Server {
             "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
         )
         .expect("hba");
-        if is_root() {
-            let ok = Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(&s.dir)
-                .status()
-                .expect("chown");
-            assert!(ok.success());
-        }
+        give_to_server_user(&s.dir);
         std::fs::set_permissions(
             s.dir.join("server.key"),
             std::os::unix::fs::PermissionsExt::from_mode(0o600),
