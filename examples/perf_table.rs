@@ -14,7 +14,9 @@
 //! populated in bulk (bioseal: `Store::enroll_many`, one sync per 10,000; the
 //! peer: one transaction per 10,000), with every 100th subject's consent
 //! expiring after one day, so that the last row sweeps 1% of the population
-//! two days later.
+//! two days later. Then the key-epoch rows (issue 13): a backup, a restore
+//! into an empty directory (replaying the revocation ledger) and an epoch
+//! roll, against the peer's `VACUUM INTO`, copy-and-open and `PRAGMA rekey`.
 
 #[path = "../benches/common/mod.rs"]
 mod common;
@@ -26,8 +28,8 @@ mod peer;
 mod perf_shared;
 
 use bioseal::{
-    Consent, Embedding, Error, ManualClock, Purpose, RootKey, Store, StoreConfig, Threshold,
-    Timestamp,
+    Consent, Embedding, Error, FileEpochProvider, ManualClock, Purpose, Store, StoreConfig,
+    Threshold, Timestamp,
 };
 use std::time::{Duration, Instant};
 
@@ -76,21 +78,33 @@ fn main() -> Result<(), Error> {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let clock = ManualClock::new(Timestamp::from_unix_secs(start));
-    let store = Store::open(
-        StoreConfig::new(dirs.0.path().join("data"), RootKey::from_bytes([3; 32]))
-            .key_dir(dirs.0.path().join("keys"))
-            .model("bench", DIM)
-            .threshold(Threshold::cosine(THRESHOLD))
-            .cache_bytes(env("BIOSEAL_PERF_CACHE_MB", 1024) as u64 * (1 << 20))
-            .buckets(buckets as u32)
-            .clock(clock.clone()),
-    )?;
+    std::fs::create_dir_all(dirs.0.path().join("keys"))?;
+    let config = |data: &str| -> Result<StoreConfig, Error> {
+        Ok(StoreConfig::new(
+            dirs.0.path().join(data),
+            FileEpochProvider::open(dirs.0.path().join("keys").join("bioseal.epochs"))?,
+        )
+        .key_dir(dirs.0.path().join("keys"))
+        .model("bench", DIM)
+        .threshold(Threshold::cosine(THRESHOLD))
+        .cache_bytes(env("BIOSEAL_PERF_CACHE_MB", 1024) as u64 * (1 << 20))
+        .buckets(buckets as u32)
+        .clock(clock.clone()))
+    };
+    let store = Store::open(config("data")?)?;
     let peer_path = dirs.1.path().join("peer.db");
     let mut p =
         peer::Peer::open(&peer_path, THRESHOLD).map_err(|e| Error::Config(e.to_string()))?;
     let peer_err = |e: rusqlite::Error| Error::Config(e.to_string());
     // Every 100th subject's consent runs out after a day.
-    let expiry = |i: usize| start + if i % 100 == 0 { 86_400 } else { 365 * 86_400 };
+    let expiry = |i: usize| {
+        start
+            + if i.is_multiple_of(100) {
+                86_400
+            } else {
+                365 * 86_400
+            }
+    };
     let (mut t_ours, mut t_peer) = (Duration::ZERO, Duration::ZERO);
     for lo in (0..n).step_by(10_000) {
         let ids: Vec<String> = (lo..n.min(lo + 10_000)).map(|i| format!("s{i}")).collect();
@@ -306,6 +320,71 @@ fn main() -> Result<(), Error> {
         report.took.as_secs_f64(),
         report.buckets_rotated,
         t_peer.as_secs_f64()
+    );
+
+    // Key epochs: backup, restore, roll (one each; the peer's equivalents
+    // in the same run).
+    let peer_err2 = |e: rusqlite::Error| Error::Config(e.to_string());
+    let t = Instant::now();
+    let b = store.backup(dirs.0.path().join("backup"))?;
+    let t_backup = t.elapsed();
+    let t = Instant::now();
+    p.backup_to(&dirs.1.path().join("peer-backup.db"))
+        .map_err(peer_err2)?;
+    let t_peer_backup = t.elapsed();
+    drop(store);
+    std::fs::rename(dirs.0.path().join("data"), dirs.0.path().join("lost"))?;
+    let t = Instant::now();
+    let (store, r) = Store::restore(dirs.0.path().join("backup"), config("data")?)?;
+    let t_restore = t.elapsed();
+    let t = Instant::now();
+    std::fs::copy(
+        dirs.1.path().join("peer-backup.db"),
+        dirs.1.path().join("peer-restored.db"),
+    )?;
+    let restored =
+        peer::Peer::open(&dirs.1.path().join("peer-restored.db"), THRESHOLD).map_err(peer_err2)?;
+    let peer_rows = restored.count().map_err(peer_err2)?;
+    let t_peer_restore = t.elapsed();
+    let mut rolls = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        store.roll_epoch()?;
+        rolls.push(t.elapsed());
+    }
+    rolls.sort();
+    let t = Instant::now();
+    p.rekey(0x5e).map_err(peer_err2)?;
+    let t_rekey = t.elapsed();
+    let mb = |bytes: u64, d: Duration| bytes as f64 / (1 << 20) as f64 / d.as_secs_f64();
+    println!(
+        "\nbackup: bioseal {:.3} s ({} rows, {:.1} MiB, {:.0} rows/s, {:.1} MiB/s), \
+         peer VACUUM INTO {:.3} s ({:.1}x)",
+        t_backup.as_secs_f64(),
+        b.rows,
+        b.bytes as f64 / (1 << 20) as f64,
+        b.rows as f64 / t_backup.as_secs_f64(),
+        mb(b.bytes, t_backup),
+        t_peer_backup.as_secs_f64(),
+        t_backup.as_secs_f64() / t_peer_backup.as_secs_f64()
+    );
+    println!(
+        "restore: bioseal {:.3} s ({} rows, {:.0} rows/s, {} ledger entries replayed), \
+         peer copy+open {:.3} s ({peer_rows} rows; {:.1}x)",
+        t_restore.as_secs_f64(),
+        r.rows,
+        r.rows as f64 / t_restore.as_secs_f64(),
+        r.replayed,
+        t_peer_restore.as_secs_f64(),
+        t_restore.as_secs_f64() / t_peer_restore.as_secs_f64()
+    );
+    println!(
+        "epoch roll (re-seals the {} KiB keyring, not the data): bioseal median of 3 {:.1} ms; \
+         peer PRAGMA rekey (re-encrypts the whole file) {:.3} s ({:.0}x)",
+        (1024 + buckets * 256) / 1024,
+        rolls[1].as_secs_f64() * 1e3,
+        t_rekey.as_secs_f64(),
+        t_rekey.as_secs_f64() / rolls[1].as_secs_f64()
     );
     Ok(())
 }

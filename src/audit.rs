@@ -77,6 +77,14 @@ pub enum AuditEvent {
     /// The operator confirmed a clock reading more than the maximum jump
     /// past the latest time seen (`count`: seconds jumped).
     ClockJumpAccepted,
+    /// The key epoch was rolled (`count`: the new epoch): the keyring
+    /// re-sealed under its root key and the old epoch's destroyed.
+    EpochRolled,
+    /// A backup was taken (`count`: records copied).
+    BackupTaken,
+    /// The store was restored from a backup and the revocation ledger
+    /// replayed (`count`: ledger entries replayed).
+    Restored,
 }
 
 /// How it ended.

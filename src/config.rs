@@ -23,6 +23,9 @@ pub const DEFAULT_MAX_TEMPLATES: usize = 5;
 /// Default maximum consent lifetime: three years (BIPA §15(a)'s outer limit).
 pub const DEFAULT_MAX_CONSENT_LIFETIME: Duration = Duration::from_secs(3 * 365 * 86_400);
 
+/// Default [`StoreConfig::epoch_length`]: 30 days.
+pub const DEFAULT_EPOCH_LENGTH: Duration = Duration::from_secs(30 * 86_400);
+
 /// Default [`StoreConfig::max_clock_jump`]: 30 days.
 pub const DEFAULT_MAX_CLOCK_JUMP: Duration = Duration::from_secs(30 * 86_400);
 
@@ -114,7 +117,7 @@ pub struct StoreConfig {
     pub(crate) accept_rollback: bool,
     pub(crate) max_clock_jump: Duration,
     pub(crate) accept_clock_jump: bool,
-    pub(crate) key: Box<dyn KeyProvider>,
+    pub(crate) key: Arc<dyn KeyProvider>,
     pub(crate) model: Option<(String, usize)>,
     pub(crate) threshold: Option<Threshold>,
     pub(crate) max_templates: usize,
@@ -127,6 +130,7 @@ pub struct StoreConfig {
     pub(crate) durability: Durability,
     pub(crate) cache_bytes: u64,
     pub(crate) pool_size: u32,
+    pub(crate) epoch_length: Duration,
 }
 
 impl StoreConfig {
@@ -144,7 +148,7 @@ impl StoreConfig {
             accept_rollback: false,
             max_clock_jump: DEFAULT_MAX_CLOCK_JUMP,
             accept_clock_jump: false,
-            key: Box::new(key),
+            key: Arc::new(key),
             model: None,
             threshold: None,
             max_templates: DEFAULT_MAX_TEMPLATES,
@@ -157,6 +161,7 @@ impl StoreConfig {
             durability: Durability::default(),
             cache_bytes: DEFAULT_CACHE_BYTES,
             pool_size: DEFAULT_POOL_SIZE,
+            epoch_length: DEFAULT_EPOCH_LENGTH,
         }
     }
 
@@ -184,6 +189,17 @@ impl StoreConfig {
     /// more than `max_clock_jump` past the latest time seen (audited).
     pub fn accept_clock_jump(mut self, accept: bool) -> Self {
         self.accept_clock_jump = accept;
+        self
+    }
+
+    /// How long a key epoch runs (default 30 days): `sweep` rolls the
+    /// epoch once it is this old, and every [`crate::ShredReceipt`] states
+    /// that backups holding the revoked subject are inert by the end of the
+    /// current epoch plus the key provider's destruction delay. Shorter
+    /// epochs bound erasure in backups more tightly and leave a shorter
+    /// window in which a backup can be restored.
+    pub fn epoch_length(mut self, d: Duration) -> Self {
+        self.epoch_length = d;
         self
     }
 

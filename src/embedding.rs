@@ -208,7 +208,7 @@ impl<'de> serde::de::Visitor<'de> for TemplateVisitor {
     }
 
     fn visit_bytes<E: serde::de::Error>(self, b: &[u8]) -> Result<Template, E> {
-        if b.len() % 2 != 0 {
+        if !b.len().is_multiple_of(2) {
             return Err(E::invalid_length(b.len(), &self));
         }
         // Sized up front: no reallocation leaves an unwiped copy behind.

@@ -134,6 +134,20 @@ pub enum Error {
         /// Which key is missing.
         what: &'static str,
     },
+    /// The backup (or keyring) was sealed under a key epoch whose root key
+    /// has been destroyed (or is older than the store's current epoch,
+    /// whose roll destroys it): it can never be opened again, by design.
+    #[error("key epoch {epoch} has been destroyed: what it sealed can never be opened again")]
+    EpochDestroyed {
+        /// The destroyed epoch.
+        epoch: u64,
+    },
+    /// The key provider failed or cannot do what was asked (an HSM error,
+    /// a provider that holds one fixed root key asked to roll an epoch).
+    /// The message names the provider and the operation, never key bytes
+    /// or a PIN.
+    #[error("key provider: {0}")]
+    KeyProvider(String),
     /// A root key file is readable by group or others, or is malformed.
     #[error("invalid root key: {0}")]
     InvalidRootKey(String),

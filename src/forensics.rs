@@ -94,6 +94,71 @@ pub(crate) fn subject_records_in(db: &dyn Backend) -> Result<Vec<RawSubjectRecor
     Ok(out)
 }
 
+/// The KEKs a keyring image (a keyring file, or the `keyring` file of a
+/// backup) holds, if `candidate` is the root key of the epoch that sealed
+/// it; `None` if it is not. With these, an auditor tries every KEK against
+/// the wrapped DEKs of [`subject_records`]: the forensic tests show that
+/// after an epoch roll no byte string anywhere opens a backup's keyring.
+pub fn keyring_keks(
+    image: &[u8],
+    candidate: &[u8; 32],
+) -> Option<Vec<zeroize::Zeroizing<[u8; 32]>>> {
+    crate::crypto::keyring::image_keks(image, &crate::RootKey::from_bytes(*candidate))
+}
+
+/// Every subject record in the `data` file of a backup directory
+/// ([`crate::Store::backup`]), with its wrapped DEK.
+pub fn backup_subject_records(backup: impl AsRef<Path>) -> Result<Vec<RawSubjectRecord>> {
+    let scratch = tempfile_dir()?;
+    let db = SledBackend::open(&scratch, 16 << 20)?;
+    let bytes = std::fs::read(backup.as_ref().join("data"))?;
+    let mut w = storage::Writes::default();
+    let bad = || Error::tampered("backup data");
+    fn take<'a>(bytes: &'a [u8], at: &mut usize, n: usize) -> Result<&'a [u8]> {
+        let s = bytes
+            .get(*at..at.saturating_add(n))
+            .ok_or(Error::tampered("backup data"))?;
+        *at += n;
+        Ok(s)
+    }
+    let be32 = |s: &[u8]| -> Result<usize> {
+        Ok(u32::from_be_bytes(s.try_into().map_err(|_| bad())?) as usize)
+    };
+    let mut at = 0usize;
+    while at < bytes.len() {
+        let t = match take(&bytes, &mut at, 1)?[0] {
+            1 => Table::Records,
+            2 => Table::Keys,
+            3 => Table::Meta,
+            4 => Table::Audit,
+            _ => return Err(bad()),
+        };
+        let kl = be32(take(&bytes, &mut at, 4)?)?;
+        let k = take(&bytes, &mut at, kl)?.to_vec();
+        let vl = be32(take(&bytes, &mut at, 4)?)?;
+        let v = take(&bytes, &mut at, vl)?.to_vec();
+        w.put(t, k, Some(v));
+    }
+    w.apply(&db)?;
+    let out = subject_records_in(&db);
+    drop(db);
+    let _ = std::fs::remove_dir_all(&scratch);
+    out
+}
+
+/// A fresh private scratch directory under the system's temporary
+/// directory.
+fn tempfile_dir() -> Result<std::path::PathBuf> {
+    let mut n = [0u8; 8];
+    crate::crypto::fill_random(&mut n)?;
+    let name: String = n.iter().map(|b| format!("{b:02x}")).collect();
+    let dir = std::env::temp_dir().join(format!("bioseal-forensics-{name}"));
+    let mut b = std::fs::DirBuilder::new();
+    std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+    b.create(&dir)?;
+    Ok(dir)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -97,16 +97,21 @@ mod store;
 pub use audit::{AuditEntry, AuditEvent, AuditHead, AuditLog, AuditOutcome};
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use config::{
-    AttemptPolicy, Durability, ShredPolicy, StoreConfig, DEFAULT_BUCKETS, DEFAULT_MAX_CLOCK_JUMP,
-    DEFAULT_MAX_CONSENT_LIFETIME, DEFAULT_MAX_INACTIVITY, DEFAULT_MAX_TEMPLATES,
+    AttemptPolicy, Durability, ShredPolicy, StoreConfig, DEFAULT_BUCKETS, DEFAULT_EPOCH_LENGTH,
+    DEFAULT_MAX_CLOCK_JUMP, DEFAULT_MAX_CONSENT_LIFETIME, DEFAULT_MAX_INACTIVITY,
+    DEFAULT_MAX_TEMPLATES,
 };
 pub use consent::{Consent, ConsentStatus, Purpose};
+pub use crypto::epochs::{EpochRecord, FileEpochProvider};
 pub use crypto::keyring::MAX_BUCKETS;
 pub use crypto::keys::{KeyProvider, RootKey};
 pub use embedding::{Embedding, MAX_DIMENSION};
 pub use error::{ConsentError, EmbeddingError, Error, Result};
 pub use matcher::{Decision, Threshold};
-pub use store::{ShredReceipt, ShredStatus, Store, StoreStats, SweepReport, Withdrawal};
+pub use store::{
+    BackupInfo, EpochStatus, RestoreReport, ShredReceipt, ShredStatus, Store, StoreStats,
+    SweepReport, Withdrawal,
+};
 
 /// Decoders exposed for the fuzz targets and the decoding property tests.
 /// Not a stable API.

@@ -15,6 +15,8 @@ struct Cli {
     store: PathBuf,
     key: PathBuf,
     files: PathBuf,
+    /// `key` is an epoch file (`--epochs`), not a root key.
+    epochs: bool,
 }
 
 struct Out {
@@ -45,7 +47,16 @@ impl Cli {
             store,
             key,
             files,
+            epochs: false,
         }
+    }
+
+    /// A CLI on a store directory whose keys are an epoch file.
+    fn with_epochs() -> Cli {
+        let mut cli = Cli::new();
+        cli.key = cli.key.with_file_name("bioseal.epochs");
+        cli.epochs = true;
+        cli
     }
 
     fn run(&self, args: &[&str]) -> Out {
@@ -56,7 +67,11 @@ impl Cli {
         let out = Command::new(env!("CARGO_BIN_EXE_bioseal"))
             .arg("--store")
             .arg(&self.store)
-            .arg("--root-key")
+            .arg(if self.epochs {
+                "--epochs"
+            } else {
+                "--root-key"
+            })
             .arg(key)
             // The keyring beside the real root key, whichever key is passed.
             .arg("--keys")
@@ -64,6 +79,7 @@ impl Cli {
             .args(args)
             .env_remove("BIOSEAL_STORE")
             .env_remove("BIOSEAL_ROOT_KEY_FILE")
+            .env_remove("BIOSEAL_EPOCHS_FILE")
             .env_remove("BIOSEAL_KEYS")
             .output()
             .expect("run bioseal");
@@ -645,3 +661,59 @@ fn private_modes_under_umask_0_closed_pipe_and_short_expiries() {
 }
 
 on_both_backends!(enroll_verify_consent_revoke_stats_and_audit);
+
+#[test]
+fn epochs_backup_revoke_restore_and_roll() {
+    let cli = Cli::with_epochs();
+    cli.init();
+    let mode = std::fs::metadata(&cli.key)
+        .expect("epoch file")
+        .permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+    let mut rng = Rng(21);
+    let (va, vb) = (rng.unit(DIM), rng.unit(DIM));
+    enroll_alice(&cli, &va);
+    let (eb, ev) = (cli.json("bob.json", &vb), cli.file("ev", b"release"));
+    let o = cli.enroll("bob", &eb, "identity-verification", "365d", &ev);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let o = cli.run(&["epoch", "status"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stdout.contains("epoch              1"), "{}", o.stdout);
+    assert!(o.stdout.contains("destruction delay  0 s"), "{}", o.stdout);
+    let backup = cli.files.join("backup");
+    let o = cli.run(&["backup", "--out", backup.to_str().expect("utf-8")]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stdout.contains("epoch 1"), "{}", o.stdout);
+    let o = cli.run(&["revoke", "--subject", "alice"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stdout.contains("shredded at"), "{}", o.stdout);
+    assert!(o.stdout.contains("backups inert by"), "{}", o.stdout);
+    // The store directory is lost; the key directory survives.
+    std::fs::remove_dir_all(&cli.store).expect("lose the store");
+    let o = cli.run(&["restore", "--from", backup.to_str().expect("utf-8")]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(
+        o.stdout.contains("1 revocation-ledger entries replayed"),
+        "{}",
+        o.stdout
+    );
+    let (ea, eb) = (cli.json("a.json", &va), cli.json("b.json", &vb));
+    assert_error(
+        &cli.verify("alice", "identity-verification", &ea),
+        4,
+        "not enrolled",
+    );
+    assert_eq!(cli.verify("bob", "identity-verification", &eb).code, 0);
+    let o = cli.run(&["epoch", "roll"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stdout.contains("rolled to epoch 2"), "{}", o.stdout);
+    std::fs::remove_dir_all(&cli.store).expect("lose the store again");
+    assert_error(
+        &cli.run(&["restore", "--from", backup.to_str().expect("utf-8")]),
+        7,
+        "epoch 1 has been destroyed",
+    );
+}

@@ -67,7 +67,7 @@ proptest! {
     fn keyring_parser(mut bytes in proptest::collection::vec(any::<u8>(), 0..2400), magic in any::<bool>()) {
         if magic && bytes.len() >= 16 {
             bytes[..8].copy_from_slice(b"BIOSEALK");
-            bytes[8..12].copy_from_slice(&2u32.to_be_bytes());
+            bytes[8..12].copy_from_slice(&3u32.to_be_bytes());
             bytes[12..16].copy_from_slice(&1u32.to_be_bytes());
         }
         let r = __fuzz::parse_keyring(&bytes, &RootKey::from_bytes([1; 32]));

@@ -77,7 +77,7 @@ fn schedule(n: usize) -> Vec<Op> {
 
 /// Subjects with `i % 4 == 0` consent for 2 days, the others for 100.
 fn consent_days(i: u64) -> u64 {
-    if i % 4 == 0 {
+    if i.is_multiple_of(4) {
         2
     } else {
         100

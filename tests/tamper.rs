@@ -178,14 +178,16 @@ on_both_backends!(
 fn keyring_tampering_is_typed(k: Kind) {
     let (f, _) = populated(k, 2);
     let good = f.raw_keyring();
-    // Magic, version, bucket count, model id, secrets, padding, active slot
-    // of bucket 0 (generation, ciphertext, tag), empty slot, slot padding.
+    // Magic, version, bucket count, model id, epoch start, secrets,
+    // padding, active slot of bucket 0 (generation, ciphertext, tag), empty
+    // slot, slot padding.
     for i in [
         0,
         9,
         14,
         40,
-        150,
+        120,
+        160,
         200,
         300,
         1024,
@@ -212,7 +214,14 @@ fn keyring_tampering_is_typed(k: Kind) {
         let r = Store::open(f.config());
         assert!(matches!(r, Err(Error::Tampered { .. })), "byte {i}: {r:?}");
     }
-    for i in [20, 110, 140] {
+    // The epoch: names another epoch's key, which the provider (a fixed
+    // root key: epoch 0 only) does not have.
+    let mut bad = good.clone();
+    bad[116] ^= 0x04;
+    f.set_raw_keyring(&bad);
+    let r = Store::open(f.config());
+    assert!(matches!(r, Err(Error::KeyUnavailable { .. })), "{r:?}");
+    for i in [20, 130, 150] {
         // Store id and key check value: indistinguishable from a wrong key.
         let mut bad = good.clone();
         bad[i] ^= 0x04;

@@ -107,6 +107,30 @@ impl Peer {
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
     }
 
+    /// Re-encrypt the database under a new key (SQLCipher's `PRAGMA
+    /// rekey`: every page rewritten): the peer's way to retire a key that
+    /// old copies of the file were encrypted under.
+    pub fn rekey(&mut self, byte: u8) -> rusqlite::Result<()> {
+        self.conn.execute_batch(&format!(
+            "PRAGMA rekey = \"x'{}'\";",
+            format!("{byte:02x}").repeat(32)
+        ))
+    }
+
+    /// A consistent online copy of the database (`VACUUM INTO`, encrypted
+    /// under the same key).
+    pub fn backup_to(&mut self, path: &Path) -> rusqlite::Result<()> {
+        self.conn
+            .execute("VACUUM INTO ?1", params![path.to_string_lossy()])
+            .map(|_| ())
+    }
+
+    /// Subjects held.
+    pub fn count(&self) -> rusqlite::Result<i64> {
+        self.conn
+            .query_row("SELECT count(*) FROM subjects", [], |r| r.get(0))
+    }
+
     /// Delete every subject whose consent expired by `now`, with an audit row
     /// each, in one transaction. Returns the number deleted.
     pub fn sweep(&mut self, now: i64) -> rusqlite::Result<usize> {

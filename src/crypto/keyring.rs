@@ -7,17 +7,19 @@
 //! ```text
 //! header, 512 bytes
 //!   0..8     magic "BIOSEALK"
-//!   8..12    format version (2)
+//!   8..12    format version (3)
 //!   12..16   bucket count B
 //!   16..32   store id
 //!   32..36   embedding dimension
 //!   36..37   model id length (1..=64)
 //!   37..101  model id, zero padded
 //!   101..109 created at (Unix seconds)
-//!   109..141 key check value: HMAC-SHA-256(kcv key, "bioseal/v1/key-check" || store id)
-//!   141..233 sealed secrets: nonce 12 | AES-256-GCM(pseudonym key 32 | audit key 32) | tag 16,
-//!            associated data = bytes 0..141
-//!   233..512 zero
+//!   109..117 key epoch e (the provider's root key R_e seals this image)
+//!   117..125 epoch started at (Unix seconds)
+//!   125..157 key check value: HMAC-SHA-256(kcv key, "bioseal/v3/key-check" | store id | e)
+//!   157..249 sealed secrets: nonce 12 | AES-256-GCM(pseudonym key 32 | audit key 32) | tag 16,
+//!            associated data = bytes 0..157
+//!   249..512 zero
 //! state, two copies of 128 bytes at 512 and 768 (A/B: a torn write leaves the other)
 //!   0..8     write counter (the copy with the higher valid counter is current)
 //!   8..16    high-water mark of the data (see `Store::open`)
@@ -25,18 +27,34 @@
 //!   24..56   audit head: MAC of the last entry
 //!   56..64   latest time seen (Unix seconds)
 //!   64..68   match threshold (cosine, f32 bits)
-//!   68..100  HMAC-SHA-256(state key, "bioseal/v2/keyring-state" | store id | bytes 0..68)
-//!   100..128 zero
+//!   68..76   revocation ledger length L
+//!   76..84   ledger index a restore replays from (all ones: none pending)
+//!   84..116  HMAC-SHA-256(state key, "bioseal/v3/keyring-state" | store id | bytes 0..84)
+//!   116..128 zero
 //! slots, B x 2 x 128 bytes, slot s of bucket b at 1024 + (2b + s) * 128
 //!   0..8     generation (0 = empty slot; the whole slot is then zero)
 //!   8..20    nonce
 //!   20..52   KEK sealed under the slot key
 //!   52..68   tag; associated data "bioseal/v1/kek" | store id | b | s | generation
 //!   68..128  zero
+//! revocation ledger, L units of 128 bytes after the slots (unit i at 1024 + B * 256 + i * 128)
+//!   0..8     i
+//!   8..16    time (Unix seconds)
+//!   16       kind (1: subject destroyed; 2: consent changed)
+//!   17..24   zero
+//!   24..56   the subject's pseudonym
+//!   56..88   HMAC-SHA-256(ledger key, "bioseal/v3/ledger" | store id | bytes 0..56)
+//!   88..128  zero
 //! ```
 //!
-//! The keyring key, the key-check key and the state key are HKDF-SHA-256 of
-//! the root key (salt: store id). Each slot is sealed under its own key,
+//! The keyring key, the key-check key, the state key and the backup key are
+//! HKDF-SHA-256 of the epoch's root key (salt: store id, info binding the
+//! epoch): rolling the epoch re-seals all of it under the next epoch's key.
+//! The data-mark key and the ledger key are HKDF of the sealed audit key,
+//! so they survive epoch rolls (the data and the ledger are not re-sealed).
+//! The ledger (pseudonyms and times of every destruction and consent change
+//! since the epoch began) is what a restore replays; an epoch roll empties
+//! it, since no backup of an older epoch can be restored. Each slot is sealed under its own key,
 //! HKDF of the keyring key with the bucket, slot and generation, so that no
 //! key ever seals more than one KEK (no nonce budget to track). A 128-byte
 //! slot or state copy never straddles a 512-byte sector. A rotation writes
@@ -47,13 +65,12 @@
 //! that assumes of the filesystem and device).
 
 use super::aead::{AeadKey, NONCE_LEN, OVERHEAD, TAG_LEN};
-use super::keys::RootKey;
+use super::keys::{KeyProvider, RootKey};
+pub(crate) use super::medium::{FileMedium, Medium};
 use super::pseudonym::PseudonymKey;
 use super::{hkdf32, hmac256, random};
 use crate::error::{Error, Result};
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
+#[cfg(test)]
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -61,21 +78,28 @@ use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 pub(crate) const MAGIC: &[u8; 8] = b"BIOSEALK";
-pub(crate) const FORMAT_VERSION: u32 = 2;
+pub(crate) const FORMAT_VERSION: u32 = 3;
 /// Header and the two state copies: the slots start here.
 pub(crate) const HEADER_LEN: usize = 1024;
 const HEAD_LEN: usize = 512;
 const STATE_OFF: [usize; 2] = [512, 768];
 const STATE_LEN: usize = 128;
-const STATE_BODY: usize = 68;
+const STATE_BODY: usize = 84;
 const STATE_MAC_END: usize = STATE_BODY + 32;
 pub(crate) const SLOT_LEN: usize = 128;
 const SLOT_USED: usize = 8 + NONCE_LEN + 32 + TAG_LEN;
 pub(crate) const MAX_MODEL_ID: usize = 64;
 /// Largest bucket count (a 16 MiB keyring).
 pub const MAX_BUCKETS: u32 = 65_536;
-const KCV_OFF: usize = 109;
-const SECRETS_OFF: usize = 141;
+const EPOCH_OFF: usize = 109;
+const KCV_OFF: usize = 125;
+const SECRETS_OFF: usize = 157;
+/// A revocation-ledger unit.
+pub(crate) const LEDGER_LEN: usize = 128;
+const LEDGER_BODY: usize = 56;
+const NO_REPLAY: u64 = u64::MAX;
+/// What a shared keyring re-sealed by another replica reports.
+const ROLLED: &str = "the keyring was re-sealed under another epoch";
 const SECRETS_END: usize = SECRETS_OFF + 64 + OVERHEAD;
 
 /// The authenticated, non-secret part of the header.
@@ -127,6 +151,27 @@ pub(crate) struct KeyringState {
     pub(crate) last_seen: u64,
     /// The store's match threshold (cosine).
     pub(crate) threshold: f32,
+    /// Units in the revocation ledger.
+    pub(crate) ledger_len: u64,
+    /// A restore in progress: the ledger index it replays from.
+    pub(crate) replay_from: Option<u64>,
+}
+
+/// What the revocation ledger records of one event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LedgerKind {
+    /// The subject was destroyed (revoked, withdrew its last purpose, expired).
+    Destroyed = 1,
+    /// The subject's consent changed (a purpose withdrawn, consent renewed).
+    ConsentChanged = 2,
+}
+
+/// One entry of the revocation ledger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LedgerEntry {
+    pub(crate) time: u64,
+    pub(crate) kind: LedgerKind,
+    pub(crate) pseudonym: [u8; 32],
 }
 
 /// What a security-relevant event records in the keyring: the data's new
@@ -152,20 +197,37 @@ impl Anchor {
     }
 }
 
-/// The opened keyring: keys in memory, file kept open for in-place writes.
-pub(crate) struct Keyring {
-    /// Where the image lives.
+/// What the epoch's root key seals: where the image lives and the keys
+/// derived for that epoch. Replaced whole by an epoch roll; every write
+/// to the image holds it shared, the roll exclusively.
+struct Sealing {
     file: Arc<dyn Medium>,
-    header: Header,
+    epoch: u64,
+    epoch_started: u64,
     /// HKDF input of the per-slot keys.
     slot_root: Zeroizing<[u8; 32]>,
     state_key: ring::hmac::Key,
+    /// MAC key of backup manifests of this epoch.
+    backup_key: ring::hmac::Key,
+}
+
+/// The opened keyring: keys in memory, file kept open for in-place writes.
+pub(crate) struct Keyring {
+    sealing: RwLock<Sealing>,
+    header: Header,
     /// MAC key of the data's copy of the high-water mark.
     mark_key: ring::hmac::Key,
+    /// MAC key of the revocation ledger's units.
+    ledger_key: ring::hmac::Key,
     state: std::sync::Mutex<KeyringState>,
     pseudonym: PseudonymKey,
     audit_key: Zeroizing<[u8; 32]>,
+    /// The sealed secrets (pseudonym key | audit key), for re-sealing.
+    secrets: Zeroizing<[u8; 64]>,
     buckets: Vec<RwLock<BucketKeys>>,
+    /// Shared mode: where the key of an epoch another replica rolled to
+    /// comes from.
+    provider: std::sync::OnceLock<Arc<dyn KeyProvider>>,
 }
 
 impl std::fmt::Debug for Keyring {
@@ -177,31 +239,44 @@ impl std::fmt::Debug for Keyring {
     }
 }
 
-/// Keys derived from the root key for one store.
+/// Keys derived from an epoch's root key for one store.
 struct Derived {
     seal: AeadKey,
     slot_root: Zeroizing<[u8; 32]>,
     kcv: [u8; 32],
     state_key: ring::hmac::Key,
-    mark_key: ring::hmac::Key,
+    backup_key: ring::hmac::Key,
 }
 
-fn derive(root: &RootKey, store_id: &[u8; 16]) -> Derived {
-    let seal = hkdf32(store_id, root.expose(), b"bioseal/v1/keyring-seal");
-    let kcv_key = hkdf32(store_id, root.expose(), b"bioseal/v1/key-check");
-    let state_key = hkdf32(store_id, root.expose(), b"bioseal/v2/keyring-state");
-    let mark_key = hkdf32(store_id, root.expose(), b"bioseal/v2/data-mark");
+fn derive(root: &RootKey, store_id: &[u8; 16], epoch: u64) -> Derived {
+    let k = |label: &[u8]| {
+        let mut info = label.to_vec();
+        info.extend_from_slice(&epoch.to_be_bytes());
+        hkdf32(store_id, root.expose(), &info)
+    };
+    let seal = k(b"bioseal/v3/keyring-seal");
+    let kcv_key = k(b"bioseal/v3/key-check");
+    let state_key = k(b"bioseal/v3/keyring-state");
+    let backup_key = k(b"bioseal/v3/backup");
     let kcv = hmac256(
         &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, kcv_key.as_ref()),
-        &[b"bioseal/v1/key-check", store_id],
+        &[b"bioseal/v3/key-check", store_id, &epoch.to_be_bytes()],
     );
     Derived {
         seal: AeadKey::new(&seal),
         slot_root: hkdf32(store_id, seal.as_ref(), b"bioseal/v2/kek-slots"),
         kcv,
         state_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, state_key.as_ref()),
-        mark_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, mark_key.as_ref()),
+        backup_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, backup_key.as_ref()),
     }
+}
+
+/// Keys derived from the sealed audit key: the same in every epoch.
+fn stable_key(audit_key: &[u8; 32], store_id: &[u8; 16], label: &[u8]) -> ring::hmac::Key {
+    ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        hkdf32(store_id, audit_key, label).as_ref(),
+    )
 }
 
 /// The key that seals slot `slot` of bucket `b` at generation `gen`: used
@@ -216,7 +291,7 @@ fn slot_key(slot_root: &[u8; 32], b: u32, slot: usize, gen: u64) -> AeadKey {
 }
 
 fn state_mac(key: &ring::hmac::Key, store_id: &[u8; 16], body: &[u8]) -> [u8; 32] {
-    hmac256(key, &[b"bioseal/v2/keyring-state", store_id, body])
+    hmac256(key, &[b"bioseal/v3/keyring-state", store_id, body])
 }
 
 fn encode_state(key: &ring::hmac::Key, store_id: &[u8; 16], st: &KeyringState) -> [u8; STATE_LEN] {
@@ -227,6 +302,8 @@ fn encode_state(key: &ring::hmac::Key, store_id: &[u8; 16], st: &KeyringState) -
     b[24..56].copy_from_slice(&st.audit_mac);
     b[56..64].copy_from_slice(&st.last_seen.to_be_bytes());
     b[64..68].copy_from_slice(&st.threshold.to_bits().to_be_bytes());
+    b[68..76].copy_from_slice(&st.ledger_len.to_be_bytes());
+    b[76..84].copy_from_slice(&st.replay_from.unwrap_or(NO_REPLAY).to_be_bytes());
     let m = state_mac(key, store_id, &b[..STATE_BODY]);
     b[STATE_BODY..STATE_MAC_END].copy_from_slice(&m);
     b
@@ -255,6 +332,8 @@ fn decode_state(key: &ring::hmac::Key, store_id: &[u8; 16], b: &[u8]) -> Option<
         audit_mac,
         last_seen: u64_at(56),
         threshold: f32::from_bits(u32::from_be_bytes(t)),
+        ledger_len: u64_at(68),
+        replay_from: Some(u64_at(76)).filter(|&r| r != NO_REPLAY),
     })
 }
 
@@ -299,91 +378,8 @@ fn lock_write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Where a keyring image lives: a file in the key directory (embedded
-/// mode) or rows in the shared database (shared mode). Positioned writes
-/// of whole 128-byte units, durable together: the layout above is the same
-/// in both.
-pub(crate) trait Medium: Send + Sync {
-    /// The whole image.
-    fn read_all(&self) -> Result<Vec<u8>>;
-    /// `len` bytes at `off`.
-    fn read_at(&self, off: u64, len: usize) -> Result<Vec<u8>>;
-    /// Overwrite the bytes at each offset in place; durable when this
-    /// returns (a file: written, then one `fdatasync`; the database: one
-    /// statement).
-    fn write(&self, writes: &[(u64, Vec<u8>)]) -> Result<()>;
-    /// Exclusive access to the state copies across processes (`None`: one
-    /// process owns the keyring).
-    fn lock_state(&self) -> Result<Option<crate::storage::RemoteLock>>;
-    /// Whether other processes change this keyring (cached keys and state
-    /// must then be re-read under the locks).
-    fn shared(&self) -> bool;
-}
-
-/// The keyring file: written whole and renamed into place once, then only
-/// overwritten in place.
-pub(crate) struct FileMedium(File);
-
-impl FileMedium {
-    /// Write a new keyring file at `path` (which must not exist).
-    pub(crate) fn create(path: &Path, image: &[u8]) -> Result<FileMedium> {
-        if path.exists() {
-            return Err(Error::Config(format!(
-                "{} already exists: a key directory holds the keyring of one store",
-                path.display()
-            )));
-        }
-        let tmp = path.with_extension("tmp");
-        let _ = std::fs::remove_file(&tmp);
-        let mut opts = OpenOptions::new();
-        opts.write(true).create_new(true);
-        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-        let mut f = opts.open(&tmp)?;
-        f.write_all(image)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)?;
-        if let Some(parent) = path.parent() {
-            File::open(parent)?.sync_all()?;
-        }
-        FileMedium::open(path)
-    }
-
-    /// Open an existing keyring file.
-    pub(crate) fn open(path: &Path) -> Result<FileMedium> {
-        Ok(FileMedium(
-            OpenOptions::new().read(true).write(true).open(path)?,
-        ))
-    }
-}
-
-impl Medium for FileMedium {
-    fn read_all(&self) -> Result<Vec<u8>> {
-        let mut buf = Vec::new();
-        (&self.0).read_to_end(&mut buf)?;
-        Ok(buf)
-    }
-    fn read_at(&self, off: u64, len: usize) -> Result<Vec<u8>> {
-        let mut buf = vec![0u8; len];
-        self.0.read_exact_at(&mut buf, off)?;
-        Ok(buf)
-    }
-    fn write(&self, writes: &[(u64, Vec<u8>)]) -> Result<()> {
-        for (off, bytes) in writes {
-            self.0.write_all_at(bytes, *off)?;
-        }
-        Ok(self.0.sync_data()?)
-    }
-    fn lock_state(&self) -> Result<Option<crate::storage::RemoteLock>> {
-        Ok(None)
-    }
-    fn shared(&self) -> bool {
-        false
-    }
-}
-
 impl Keyring {
-    /// Create a new keyring file at `path` (which must not exist).
+    /// Create a new keyring file at `path` (which must not exist), epoch 0.
     #[cfg(test)]
     pub(crate) fn create(
         path: &Path,
@@ -394,19 +390,33 @@ impl Keyring {
         now: u64,
         threshold: f32,
     ) -> Result<Keyring> {
-        let image = Keyring::image(root, buckets, model_id, dim, now, threshold)?;
+        let image = Keyring::image(root, 0, buckets, model_id, dim, now, threshold)?;
         Keyring::load(Arc::new(FileMedium::create(path, &image)?), root)
     }
 
-    /// Open the keyring file at `path`. A wrong root key is detected before
-    /// any slot is read, and nothing is written.
+    /// Open the keyring file at `path` with the key of its epoch. A wrong
+    /// root key is detected before any slot is read, and nothing is written.
+    #[cfg(test)]
     pub(crate) fn open(path: &Path, root: &RootKey) -> Result<Keyring> {
         Keyring::load(Arc::new(FileMedium::open(path)?), root)
     }
 
-    /// A new keyring image: fresh store id, secrets and one KEK per bucket.
+    /// Open the image in `medium` with the root key of the epoch its header
+    /// names, from `provider`.
+    pub(crate) fn load_from(
+        medium: Arc<dyn Medium>,
+        provider: &dyn KeyProvider,
+    ) -> Result<Keyring> {
+        let buf = medium.read_all()?;
+        let root = provider.epoch_key(image_epoch(&buf)?)?;
+        Keyring::parse(medium, buf, &root)
+    }
+
+    /// A new keyring image: fresh store id, secrets and one KEK per bucket,
+    /// sealed under `root`, the key of `epoch`.
     pub(crate) fn image(
         root: &RootKey,
+        epoch: u64,
         buckets: u32,
         model_id: &str,
         dim: u32,
@@ -423,22 +433,12 @@ impl Keyring {
                 "bucket count must be 1-{MAX_BUCKETS}"
             )));
         }
-        let store_id = *random::<16>()?;
-        let d = derive(root, &store_id);
-        let (seal, kcv) = (&d.seal, d.kcv);
-        let mut buf = vec![0u8; HEADER_LEN + buckets as usize * 2 * SLOT_LEN];
-        buf[0..8].copy_from_slice(MAGIC);
-        buf[8..12].copy_from_slice(&FORMAT_VERSION.to_be_bytes());
-        buf[12..16].copy_from_slice(&buckets.to_be_bytes());
-        buf[16..32].copy_from_slice(&store_id);
-        buf[32..36].copy_from_slice(&dim.to_be_bytes());
-        buf[36] = model_id.len() as u8;
-        buf[37..37 + model_id.len()].copy_from_slice(model_id.as_bytes());
-        buf[101..109].copy_from_slice(&now.to_be_bytes());
-        buf[KCV_OFF..SECRETS_OFF].copy_from_slice(&kcv);
-        let secrets = random::<64>()?;
-        let sealed = seal.seal(&buf[..SECRETS_OFF], secrets.as_ref())?;
-        buf[SECRETS_OFF..SECRETS_END].copy_from_slice(&sealed);
+        let header = Header {
+            store_id: *random::<16>()?,
+            buckets,
+            dim,
+            model_id: model_id.to_owned(),
+        };
         let state = KeyringState {
             counter: 1,
             mark: 0,
@@ -446,38 +446,37 @@ impl Keyring {
             audit_mac: [0; 32],
             last_seen: now,
             threshold,
+            ledger_len: 0,
+            replay_from: None,
         };
-        buf[STATE_OFF[1]..STATE_OFF[1] + STATE_LEN].copy_from_slice(&encode_state(
-            &d.state_key,
-            &store_id,
-            &state,
-        ));
-
-        for b in 0..buckets {
-            let kek = random::<32>()?;
-            let off = slot_offset(b, 0) as usize;
-            buf[off..off + SLOT_LEN].copy_from_slice(&seal_slot(
-                &d.slot_root,
-                &store_id,
-                b,
-                0,
-                1,
-                &kek,
-            )?);
+        let mut keks = Vec::with_capacity(buckets as usize);
+        for _ in 0..buckets {
+            keks.push([Some((1, random::<32>()?)), None]);
         }
-        Ok(buf)
+        seal_image(
+            root,
+            &header,
+            (epoch, now),
+            now,
+            &*random::<64>()?,
+            &state,
+            &keks,
+        )
     }
 
     /// Open the keyring image in `medium`. A wrong root key is detected
     /// before any slot is read, and nothing is written.
+    #[cfg(test)]
     pub(crate) fn load(medium: Arc<dyn Medium>, root: &RootKey) -> Result<Keyring> {
         let buf = medium.read_all()?;
-        let (header, d, secrets) = parse_header(&buf, root)?;
+        Keyring::parse(medium, buf, root)
+    }
+
+    /// [`Keyring::load`] of the image `buf` that `medium` holds.
+    fn parse(medium: Arc<dyn Medium>, buf: Vec<u8>, root: &RootKey) -> Result<Keyring> {
+        let (header, d, secrets, epoch) = parse_header(&buf, root)?;
         let state = current_state(&d.state_key, &header.store_id, &buf)?;
-        let expected_len = HEADER_LEN + header.buckets as usize * 2 * SLOT_LEN;
-        if buf.len() != expected_len {
-            return Err(Error::tampered("keyring length"));
-        }
+        check_len(&header, &state, buf.len())?;
         let mut bucket_keys = Vec::with_capacity(header.buckets as usize);
         for b in 0..header.buckets {
             let off = slot_offset(b, 0) as usize;
@@ -490,21 +489,83 @@ impl Keyring {
             bucket_keys.push(RwLock::new(keys));
         }
         let (pk, ak) = split_secrets(&secrets);
-        Ok(Keyring {
-            file: medium,
+        let keyring = Keyring {
+            sealing: RwLock::new(Sealing {
+                file: medium,
+                epoch: epoch.0,
+                epoch_started: epoch.1,
+                slot_root: d.slot_root,
+                state_key: d.state_key,
+                backup_key: d.backup_key,
+            }),
+            mark_key: stable_key(&ak, &header.store_id, b"bioseal/v3/data-mark"),
+            ledger_key: stable_key(&ak, &header.store_id, b"bioseal/v3/ledger"),
             header,
-            slot_root: d.slot_root,
-            state_key: d.state_key,
-            mark_key: d.mark_key,
             state: std::sync::Mutex::new(state),
             pseudonym: PseudonymKey::new(&pk),
             audit_key: ak,
+            secrets,
             buckets: bucket_keys,
-        })
+            provider: std::sync::OnceLock::new(),
+        };
+        // Every ledger unit the state counts must be intact.
+        keyring.read_ledger_from(&buf)?;
+        Ok(keyring)
     }
 
     pub(crate) fn header(&self) -> &Header {
         &self.header
+    }
+
+    /// Shared mode: the provider to take a newer epoch's key from when
+    /// another replica rolls the epoch.
+    pub(crate) fn share_provider(&self, provider: Arc<dyn KeyProvider>) {
+        let _ = self.provider.set(provider);
+    }
+
+    /// Shared mode: if `head` (the stored image from offset 0, at least
+    /// the first unit) names another epoch than the cached one, another
+    /// replica rolled it: take that epoch's key from the provider, check
+    /// the stored header against it and use its keys from now on (the
+    /// KEKs are the same). Returns whether it did.
+    fn adopt_if_rolled(&self, head: &[u8]) -> Result<bool> {
+        let epoch = be_u64(
+            head.get(EPOCH_OFF..EPOCH_OFF + 8)
+                .ok_or(Error::tampered("keyring header"))?,
+        );
+        if epoch == lock_read(&self.sealing).epoch {
+            return Ok(false);
+        }
+        let provider = self.provider.get().ok_or(Error::KeyUnavailable {
+            what: "the keyring was re-sealed under another epoch",
+        })?;
+        let mut sealing = lock_write(&self.sealing);
+        if sealing.epoch == epoch {
+            return Ok(true);
+        }
+        let root = provider.epoch_key(epoch)?;
+        let buf = sealing.file.read_at(0, HEADER_LEN)?;
+        let (header, d, _, started) = parse_header(&buf, &root)?;
+        if header.store_id != self.header.store_id {
+            return Err(Error::StoreMismatch);
+        }
+        let st = current_state(&d.state_key, &header.store_id, &buf)?;
+        *sealing = Sealing {
+            file: sealing.file.clone(),
+            epoch: started.0,
+            epoch_started: started.1,
+            slot_root: d.slot_root,
+            state_key: d.state_key,
+            backup_key: d.backup_key,
+        };
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = st;
+        Ok(true)
+    }
+
+    /// The epoch whose root key seals the keyring, and when it started.
+    pub(crate) fn epoch(&self) -> (u64, u64) {
+        let s = lock_read(&self.sealing);
+        (s.epoch, s.epoch_started)
     }
 
     pub(crate) fn pseudonym_key(&self) -> &PseudonymKey {
@@ -572,7 +633,7 @@ impl Keyring {
     /// bucket's free slot and sync. See [`Keyring::begin_rotations`].
     #[cfg(test)]
     pub(crate) fn begin_rotation(&self, b: u32) -> Result<u64> {
-        let gens = self.begin_rotations(&[b])?;
+        let gens = self.begin_rotations(&[b], &[])?;
         gens.first()
             .copied()
             .ok_or(Error::tampered("keyring rotation state"))
@@ -581,8 +642,14 @@ impl Keyring {
     /// First step of rotating several distinct buckets: seal a fresh KEK
     /// (the bucket's generation plus one) into each bucket's free slot, then
     /// one sync for all of them. Returns the new generations in the order of
-    /// `buckets`.
-    pub(crate) fn begin_rotations(&self, buckets: &[u32]) -> Result<Vec<u64>> {
+    /// `buckets`. Subjects the rotation destroys (`ledger`) enter the
+    /// revocation ledger in the same sync, before any of their data goes.
+    pub(crate) fn begin_rotations(
+        &self,
+        buckets: &[u32],
+        ledger: &[LedgerEntry],
+    ) -> Result<Vec<u64>> {
+        let sealing = lock_read(&self.sealing);
         let mut fresh = Vec::with_capacity(buckets.len());
         let mut writes = Vec::with_capacity(buckets.len());
         for &b in buckets {
@@ -596,11 +663,22 @@ impl Keyring {
                 (1 - slot, gen + 1)
             };
             let kek = random::<32>()?;
-            let bytes = seal_slot(&self.slot_root, &self.header.store_id, b, free, gen, &kek)?;
+            let bytes = seal_slot(
+                &sealing.slot_root,
+                &self.header.store_id,
+                b,
+                free,
+                gen,
+                &kek,
+            )?;
             writes.push((slot_offset(b, free), bytes.to_vec()));
             fresh.push((lock, free, gen, AeadKey::new(&kek)));
         }
-        self.file.write(&writes)?;
+        if ledger.is_empty() {
+            sealing.file.write(&writes)?;
+        } else {
+            self.write_state(&sealing, writes, ledger, |_| {})?;
+        }
         crate::failpoint::hit("rotation:new-slot-synced");
         Ok(fresh
             .into_iter()
@@ -622,6 +700,7 @@ impl Keyring {
     /// with `anchor`, the state (high-water mark, audit head, time) is
     /// updated by the same sync.
     pub(crate) fn finish_rotations(&self, buckets: &[u32], anchor: Option<Anchor>) -> Result<()> {
+        let sealing = lock_read(&self.sealing);
         let mut zeroed = Vec::with_capacity(buckets.len());
         let mut writes = Vec::with_capacity(buckets.len());
         for &b in buckets {
@@ -638,9 +717,9 @@ impl Keyring {
             zeroed.push((lock, old));
         }
         match anchor {
-            Some(a) => self.update_state_with(writes, |st| a.apply(st))?,
+            Some(a) => self.write_state(&sealing, writes, &[], |st| a.apply(st))?,
             None if zeroed.is_empty() => return Ok(()),
-            None => self.file.write(&writes)?,
+            None => sealing.file.write(&writes)?,
         }
         for (lock, old) in zeroed {
             lock_write(lock).slots[old] = None;
@@ -654,46 +733,190 @@ impl Keyring {
     }
 
     /// Change the state: the new copy is written over the older one in
-    /// place and synced (with any slot writes before it).
+    /// place and synced.
     /// Shared mode: under the state lock, from the state as stored (another
     /// replica may have changed it).
-    pub(crate) fn update_state(&self, f: impl FnOnce(&mut KeyringState)) -> Result<()> {
-        self.update_state_with(Vec::new(), f)
+    pub(crate) fn update_state(&self, f: impl Fn(&mut KeyringState)) -> Result<()> {
+        // Shared mode, outside the bucket locks an epoch roll waits for:
+        // another replica may have rolled it since; adopt it and write again.
+        for _ in 0..2 {
+            let sealing = lock_read(&self.sealing);
+            match self.write_state(&sealing, Vec::new(), &[], &f) {
+                Err(Error::KeyUnavailable { what }) if what == ROLLED => {
+                    drop(sealing);
+                    let head = lock_read(&self.sealing).file.read_at(0, SLOT_LEN)?;
+                    self.adopt_if_rolled(&head)?;
+                }
+                other => return other,
+            }
+        }
+        Err(Error::KeyUnavailable { what: ROLLED })
     }
 
-    /// [`Keyring::update_state`], with slot writes made durable together
-    /// with the state (written before it).
-    fn update_state_with(
+    /// Append `entries` to the revocation ledger (durable on return).
+    pub(crate) fn append_ledger(&self, entries: &[LedgerEntry]) -> Result<()> {
+        let sealing = lock_read(&self.sealing);
+        self.write_state(&sealing, Vec::new(), entries, |_| {})
+    }
+
+    /// Write `writes`, the ledger units of `ledger` and the state as `f`
+    /// changes it, durable together (the state last).
+    fn write_state(
         &self,
+        sealing: &Sealing,
         mut writes: Vec<(u64, Vec<u8>)>,
+        ledger: &[LedgerEntry],
         f: impl FnOnce(&mut KeyringState),
     ) -> Result<()> {
         // The database's lock before this process's mutex (see the audit
         // log's drain).
-        let _remote = self.file.lock_state()?;
+        let _remote = sealing.file.lock_state()?;
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if self.file.shared() {
-            *st = self.stored_state()?;
+        if sealing.file.shared() {
+            *st = self.stored_state(sealing)?;
         }
         let mut next = *st;
         f(&mut next);
+        for e in ledger {
+            let i = next.ledger_len;
+            writes.push((self.ledger_offset(i), self.encode_ledger(i, e).to_vec()));
+            next.ledger_len += 1;
+        }
         next.counter = st.counter + 1;
         let off = STATE_OFF[(next.counter % 2) as usize];
         writes.push((
             off as u64,
-            encode_state(&self.state_key, &self.header.store_id, &next).to_vec(),
+            encode_state(&sealing.state_key, &self.header.store_id, &next).to_vec(),
         ));
-        self.file.write(&writes)?;
+        sealing.file.write(&writes)?;
         *st = next;
         Ok(())
     }
 
-    /// The current state as stored.
-    fn stored_state(&self) -> Result<KeyringState> {
-        let mut buf = vec![0u8; HEADER_LEN];
-        let from = STATE_OFF[0];
-        buf[from..].copy_from_slice(&self.file.read_at(from as u64, HEADER_LEN - from)?);
-        current_state(&self.state_key, &self.header.store_id, &buf)
+    /// The current state as stored (with the header: an image sealed
+    /// under another epoch, rolled by another replica, is reported as
+    /// `KeyUnavailable` with [`ROLLED`]).
+    fn stored_state(&self, sealing: &Sealing) -> Result<KeyringState> {
+        let buf = sealing.file.read_at(0, HEADER_LEN)?;
+        if image_epoch(&buf)? != sealing.epoch {
+            return Err(Error::KeyUnavailable { what: ROLLED });
+        }
+        current_state(&sealing.state_key, &self.header.store_id, &buf)
+    }
+
+    fn ledger_offset(&self, i: u64) -> u64 {
+        slot_offset(self.header.buckets, 0) + i * LEDGER_LEN as u64
+    }
+
+    fn encode_ledger(&self, i: u64, e: &LedgerEntry) -> [u8; LEDGER_LEN] {
+        let mut u = [0u8; LEDGER_LEN];
+        u[0..8].copy_from_slice(&i.to_be_bytes());
+        u[8..16].copy_from_slice(&e.time.to_be_bytes());
+        u[16] = e.kind as u8;
+        u[24..56].copy_from_slice(&e.pseudonym);
+        let m = hmac256(
+            &self.ledger_key,
+            &[
+                b"bioseal/v3/ledger",
+                &self.header.store_id,
+                &u[..LEDGER_BODY],
+            ],
+        );
+        u[LEDGER_BODY..LEDGER_BODY + 32].copy_from_slice(&m);
+        u
+    }
+
+    /// The ledger units that `buf` (a whole image) holds, as the state
+    /// counts them; a missing, moved or altered unit is `Tampered`.
+    fn read_ledger_from(&self, buf: &[u8]) -> Result<Vec<LedgerEntry>> {
+        let st = self.state();
+        let mut out = Vec::with_capacity(st.ledger_len as usize);
+        for i in 0..st.ledger_len {
+            let off = self.ledger_offset(i) as usize;
+            let u = buf
+                .get(off..off + LEDGER_LEN)
+                .ok_or(Error::tampered("revocation ledger (missing entries)"))?;
+            let kind = match u[16] {
+                1 => LedgerKind::Destroyed,
+                2 => LedgerKind::ConsentChanged,
+                _ => return Err(Error::tampered("revocation ledger")),
+            };
+            let mut pseudonym = [0u8; 32];
+            pseudonym.copy_from_slice(&u[24..56]);
+            let e = LedgerEntry {
+                time: be_u64(&u[8..16]),
+                kind,
+                pseudonym,
+            };
+            if !bool::from(self.encode_ledger(i, &e).ct_eq(u)) {
+                return Err(Error::tampered("revocation ledger"));
+            }
+            out.push(e);
+        }
+        Ok(out)
+    }
+
+    /// The whole revocation ledger, as stored.
+    pub(crate) fn ledger(&self) -> Result<Vec<LedgerEntry>> {
+        let sealing = lock_read(&self.sealing);
+        let buf = sealing.file.read_all()?;
+        drop(sealing);
+        self.read_ledger_from(&buf)
+    }
+
+    /// The image as stored, read under the sealing (no write interleaves);
+    /// with the epoch that seals it. For backups.
+    pub(crate) fn snapshot(&self) -> Result<(Vec<u8>, u64)> {
+        let sealing = lock_read(&self.sealing);
+        let _st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        Ok((sealing.file.read_all()?, sealing.epoch))
+    }
+
+    /// HMAC under this epoch's backup key.
+    pub(crate) fn backup_mac(&self, parts: &[&[u8]]) -> [u8; 32] {
+        hmac256(&lock_read(&self.sealing).backup_key, parts)
+    }
+
+    /// Roll the epoch: re-seal the whole image (header, state, every KEK
+    /// slot as it stands) under `next`, the root key of `epoch`, with an
+    /// empty revocation ledger, and replace the stored image atomically.
+    /// Every write to the keyring waits while this runs.
+    pub(crate) fn reseal(&self, next: &RootKey, epoch: u64, now: u64) -> Result<()> {
+        let mut sealing = lock_write(&self.sealing);
+        if epoch <= sealing.epoch {
+            return Err(Error::KeyProvider(format!(
+                "epoch {epoch} is not after the current epoch {}",
+                sealing.epoch
+            )));
+        }
+        let buf = sealing.file.read_all()?;
+        let mut st = current_state(&sealing.state_key, &self.header.store_id, &buf)?;
+        st.counter += 1;
+        st.ledger_len = 0;
+        st.replay_from = None;
+        let keks = raw_slots(&sealing.slot_root, &self.header, &buf)?;
+        let created = be_u64(&buf[101..109]);
+        let image = seal_image(
+            next,
+            &self.header,
+            (epoch, now),
+            created,
+            &self.secrets,
+            &st,
+            &keks,
+        )?;
+        let file = sealing.file.replace(&image)?;
+        let d = derive(next, &self.header.store_id, epoch);
+        *sealing = Sealing {
+            file,
+            epoch,
+            epoch_started: now,
+            slot_root: d.slot_root,
+            state_key: d.state_key,
+            backup_key: d.backup_key,
+        };
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = st;
+        Ok(())
     }
 
     /// Shared mode: re-read the KEK slots of `buckets` (the caller holds
@@ -701,13 +924,17 @@ impl Keyring {
     /// re-read where it is changed (`update_state`, under its own lock).
     /// Embedded mode: nothing to do, this process wrote them.
     pub(crate) fn refresh(&self, buckets: &[u32]) -> Result<()> {
-        if !self.file.shared() {
+        if !lock_read(&self.sealing).file.shared() {
             return Ok(());
         }
+        // The header's first unit came with the slots (`slot_ranges`).
+        let head = lock_read(&self.sealing).file.read_at(0, SLOT_LEN)?;
+        self.adopt_if_rolled(&head)?;
+        let sealing = lock_read(&self.sealing);
         for &b in buckets {
             let lock = self.bucket(b)?;
-            let bytes = self.file.read_at(slot_offset(b, 0), 2 * SLOT_LEN)?;
-            let keys = self.parse_bucket(b, &bytes)?;
+            let bytes = sealing.file.read_at(slot_offset(b, 0), 2 * SLOT_LEN)?;
+            let keys = parse_bucket(&sealing.slot_root, &self.header.store_id, b, &bytes)?;
             *lock_write(lock) = keys;
         }
         Ok(())
@@ -716,19 +943,24 @@ impl Keyring {
     /// Shared mode: re-read every bucket's slots and the state (for
     /// counts over all buckets, such as `Store::stats`).
     pub(crate) fn refresh_all(&self) -> Result<()> {
-        if !self.file.shared() {
+        if !lock_read(&self.sealing).file.shared() {
             return Ok(());
         }
-        let buf = self.file.read_all()?;
-        if buf.len() != HEADER_LEN + self.header.buckets as usize * 2 * SLOT_LEN {
-            return Err(Error::tampered("keyring length"));
-        }
+        let buf = lock_read(&self.sealing).file.read_all()?;
+        self.adopt_if_rolled(&buf)?;
+        let sealing = lock_read(&self.sealing);
+        let st = current_state(&sealing.state_key, &self.header.store_id, &buf)?;
+        check_len(&self.header, &st, buf.len())?;
         for b in 0..self.header.buckets {
             let off = slot_offset(b, 0) as usize;
-            let keys = self.parse_bucket(b, &buf[off..off + 2 * SLOT_LEN])?;
+            let keys = parse_bucket(
+                &sealing.slot_root,
+                &self.header.store_id,
+                b,
+                &buf[off..off + 2 * SLOT_LEN],
+            )?;
             *lock_write(self.bucket(b)?) = keys;
         }
-        let st = current_state(&self.state_key, &self.header.store_id, &buf)?;
         *self.state.lock().unwrap_or_else(|e| e.into_inner()) = st;
         Ok(())
     }
@@ -736,15 +968,10 @@ impl Keyring {
     /// The byte ranges of the KEK slots of `buckets` (what `refresh`
     /// reads).
     pub(crate) fn slot_ranges(&self, buckets: &[u32]) -> Vec<(u64, usize)> {
-        buckets
-            .iter()
-            .map(|&b| (slot_offset(b, 0), 2 * SLOT_LEN))
+        // The header's first unit too: it names the epoch (`refresh`).
+        std::iter::once((0, SLOT_LEN))
+            .chain(buckets.iter().map(|&b| (slot_offset(b, 0), 2 * SLOT_LEN)))
             .collect()
-    }
-
-    /// The two slots of bucket `b` (`bytes`: both, 256 bytes).
-    fn parse_bucket(&self, b: u32, bytes: &[u8]) -> Result<BucketKeys> {
-        parse_bucket(&self.slot_root, &self.header.store_id, b, bytes)
     }
 
     /// The MAC of the data's copy of high-water mark `mark`.
@@ -752,7 +979,7 @@ impl Keyring {
         hmac256(
             &self.mark_key,
             &[
-                b"bioseal/v2/data-mark",
+                b"bioseal/v3/data-mark",
                 &self.header.store_id,
                 &mark.to_be_bytes(),
             ],
@@ -781,7 +1008,151 @@ fn split_secrets(s: &[u8; 64]) -> (Zeroizing<[u8; 32]>, Zeroizing<[u8; 32]>) {
     (a, b)
 }
 
-type HeaderParts = (Header, Derived, Zeroizing<[u8; 64]>);
+type HeaderParts = (Header, Derived, Zeroizing<[u8; 64]>, (u64, u64));
+
+fn be_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_be_bytes(a)
+}
+
+/// The epoch an image's header names (not yet authenticated: the key
+/// check of that epoch's root key authenticates it).
+pub(crate) fn image_epoch(buf: &[u8]) -> Result<u64> {
+    if buf.len() < HEAD_LEN || &buf[0..8] != MAGIC {
+        return Err(Error::tampered("keyring header (not a bioseal keyring)"));
+    }
+    Ok(be_u64(&buf[EPOCH_OFF..EPOCH_OFF + 8]))
+}
+
+/// The image is as long as its header and state say: header, slots and the
+/// ledger units the state counts. Units past them (an append a power cut
+/// interrupted before the state that counts them) are ignored.
+fn check_len(header: &Header, st: &KeyringState, len: usize) -> Result<()> {
+    let slots_end = HEADER_LEN + header.buckets as usize * 2 * SLOT_LEN;
+    let min = (st.ledger_len as usize)
+        .checked_mul(LEDGER_LEN)
+        .and_then(|l| l.checked_add(slots_end))
+        .ok_or(Error::tampered("keyring length"))?;
+    if len < min || !(len - slots_end).is_multiple_of(LEDGER_LEN) {
+        return Err(Error::tampered("keyring length"));
+    }
+    Ok(())
+}
+
+/// Every bucket's slots opened to raw KEKs (for re-sealing).
+type RawSlots = Vec<[Option<(u64, Zeroizing<[u8; 32]>)>; 2]>;
+
+fn raw_slots(slot_root: &[u8; 32], header: &Header, buf: &[u8]) -> Result<RawSlots> {
+    let mut out = Vec::with_capacity(header.buckets as usize);
+    for b in 0..header.buckets {
+        let mut pair: [Option<(u64, Zeroizing<[u8; 32]>)>; 2] = [None, None];
+        for (s, slot) in pair.iter_mut().enumerate() {
+            let off = slot_offset(b, s) as usize;
+            let bytes = buf
+                .get(off..off + SLOT_LEN)
+                .ok_or(Error::tampered("keyring length"))?;
+            *slot = open_slot(slot_root, &header.store_id, b, s, bytes)?;
+        }
+        out.push(pair);
+    }
+    Ok(out)
+}
+
+/// A whole image sealed under `root` (epoch and its start in `epoch`):
+/// header, one current state copy, every slot, no ledger.
+fn seal_image(
+    root: &RootKey,
+    header: &Header,
+    epoch: (u64, u64),
+    created: u64,
+    secrets: &[u8; 64],
+    state: &KeyringState,
+    keks: &RawSlots,
+) -> Result<Vec<u8>> {
+    let store_id = header.store_id;
+    let d = derive(root, &store_id, epoch.0);
+    let mut buf = vec![0u8; HEADER_LEN + header.buckets as usize * 2 * SLOT_LEN];
+    buf[0..8].copy_from_slice(MAGIC);
+    buf[8..12].copy_from_slice(&FORMAT_VERSION.to_be_bytes());
+    buf[12..16].copy_from_slice(&header.buckets.to_be_bytes());
+    buf[16..32].copy_from_slice(&store_id);
+    buf[32..36].copy_from_slice(&header.dim.to_be_bytes());
+    let model = header.model_id.as_bytes();
+    buf[36] = model.len() as u8;
+    buf[37..37 + model.len()].copy_from_slice(model);
+    buf[101..109].copy_from_slice(&created.to_be_bytes());
+    buf[EPOCH_OFF..EPOCH_OFF + 8].copy_from_slice(&epoch.0.to_be_bytes());
+    buf[EPOCH_OFF + 8..KCV_OFF].copy_from_slice(&epoch.1.to_be_bytes());
+    buf[KCV_OFF..SECRETS_OFF].copy_from_slice(&d.kcv);
+    let sealed = d.seal.seal(&buf[..SECRETS_OFF], secrets)?;
+    buf[SECRETS_OFF..SECRETS_END].copy_from_slice(&sealed);
+    let off = STATE_OFF[(state.counter % 2) as usize];
+    buf[off..off + STATE_LEN].copy_from_slice(&encode_state(&d.state_key, &store_id, state));
+    for (b, pair) in (0u32..).zip(keks) {
+        for (s, slot) in pair.iter().enumerate() {
+            if let Some((gen, kek)) = slot {
+                let off = slot_offset(b, s) as usize;
+                buf[off..off + SLOT_LEN].copy_from_slice(&seal_slot(
+                    &d.slot_root,
+                    &store_id,
+                    b,
+                    s,
+                    *gen,
+                    kek,
+                )?);
+            }
+        }
+    }
+    Ok(buf)
+}
+
+/// The image a restore writes: the backup's image (sealed under `root`,
+/// the current epoch's key), with the live keyring's revocation ledger and
+/// a replay pending from `replay_from` (the ledger's length when the backup
+/// was taken).
+pub(crate) fn restored_image(
+    backup: &[u8],
+    root: &RootKey,
+    live: &Keyring,
+    replay_from: u64,
+) -> Result<Vec<u8>> {
+    let (header, d, secrets, epoch) = parse_header(backup, root)?;
+    if header.store_id != live.header.store_id {
+        return Err(Error::StoreMismatch);
+    }
+    let mut st = current_state(&d.state_key, &header.store_id, backup)?;
+    check_len(&header, &st, backup.len())?;
+    let live_buf = lock_read(&live.sealing).file.read_all()?;
+    let live_st = live.state();
+    if replay_from > live_st.ledger_len {
+        return Err(Error::tampered("backup manifest (ledger position)"));
+    }
+    let keks = raw_slots(&d.slot_root, &header, backup)?;
+    st.counter = st.counter.max(live_st.counter) + 1;
+    st.ledger_len = live_st.ledger_len;
+    st.replay_from = Some(replay_from);
+    // The live ledger was written under the live keyring's state; its
+    // units are MAC'd with the ledger key, which both share.
+    live.read_ledger_from(&live_buf)?;
+    let mut image = seal_image(
+        root,
+        &header,
+        epoch,
+        be_u64(&backup[101..109]),
+        &secrets,
+        &st,
+        &keks,
+    )?;
+    let from = live.ledger_offset(0) as usize;
+    let to = live.ledger_offset(live_st.ledger_len) as usize;
+    image.extend_from_slice(
+        live_buf
+            .get(from..to)
+            .ok_or(Error::tampered("revocation ledger (missing entries)"))?,
+    );
+    Ok(image)
+}
 
 fn parse_header(buf: &[u8], root: &RootKey) -> Result<HeaderParts> {
     if buf.len() < HEAD_LEN {
@@ -795,15 +1166,21 @@ fn parse_header(buf: &[u8], root: &RootKey) -> Result<HeaderParts> {
         a.copy_from_slice(&buf[r]);
         u32::from_be_bytes(a)
     };
-    if be32(8..12) == 1 {
-        return Err(Error::LegacyLayout(
+    match be32(8..12) {
+        1 => return Err(Error::LegacyLayout(
             "this keyring has format 1 (bioseal before the key directory); it cannot be opened \
-             by this version: re-create the store and enroll again"
+                 by this version: re-create the store and enroll again"
                 .into(),
-        ));
-    }
-    if be32(8..12) != FORMAT_VERSION {
-        return Err(Error::tampered("keyring header (unknown format version)"));
+        )),
+        2 => {
+            return Err(Error::LegacyLayout(
+                "this keyring has format 2 (bioseal before key epochs); it cannot be opened \
+                 by this version: re-create the store and enroll again"
+                    .into(),
+            ))
+        }
+        FORMAT_VERSION => {}
+        _ => return Err(Error::tampered("keyring header (unknown format version)")),
     }
     let buckets = be32(12..16);
     if !(1..=MAX_BUCKETS).contains(&buckets) {
@@ -819,7 +1196,9 @@ fn parse_header(buf: &[u8], root: &RootKey) -> Result<HeaderParts> {
     let model_id = std::str::from_utf8(&buf[37..37 + mlen])
         .map_err(|_| Error::tampered("keyring header (model id)"))?
         .to_owned();
-    let d = derive(root, &store_id);
+    let epoch = be_u64(&buf[EPOCH_OFF..EPOCH_OFF + 8]);
+    let started = be_u64(&buf[EPOCH_OFF + 8..KCV_OFF]);
+    let d = derive(root, &store_id, epoch);
     if !bool::from(d.kcv.ct_eq(&buf[KCV_OFF..SECRETS_OFF])) {
         return Err(Error::WrongRootKey);
     }
@@ -841,6 +1220,7 @@ fn parse_header(buf: &[u8], root: &RootKey) -> Result<HeaderParts> {
         },
         d,
         s,
+        (epoch, started),
     ))
 }
 
@@ -859,6 +1239,34 @@ fn seal_slot(
     Ok(out)
 }
 
+/// A slot opened to its generation and raw KEK (`None`: an empty slot).
+fn open_slot(
+    slot_root: &[u8; 32],
+    store_id: &[u8; 16],
+    b: u32,
+    slot: usize,
+    bytes: &[u8],
+) -> Result<Option<(u64, Zeroizing<[u8; 32]>)>> {
+    if bytes.iter().all(|&x| x == 0) {
+        return Ok(None);
+    }
+    let gen = be_u64(&bytes[..8]);
+    if gen == 0 || bytes[SLOT_USED..].iter().any(|&x| x != 0) {
+        return Err(Error::tampered("keyring slot"));
+    }
+    let kek = Zeroizing::new(
+        slot_key(slot_root, b, slot, gen)
+            .open(&slot_aad(store_id, b, slot, gen), &bytes[8..SLOT_USED])
+            .map_err(|_| Error::tampered("keyring slot"))?,
+    );
+    let mut k = Zeroizing::new([0u8; 32]);
+    if kek.len() != 32 {
+        return Err(Error::tampered("keyring slot"));
+    }
+    k.copy_from_slice(&kek);
+    Ok(Some((gen, k)))
+}
+
 fn parse_slot(
     slot_root: &[u8; 32],
     store_id: &[u8; 16],
@@ -866,24 +1274,7 @@ fn parse_slot(
     slot: usize,
     bytes: &[u8],
 ) -> Result<Option<(u64, AeadKey)>> {
-    if bytes.iter().all(|&x| x == 0) {
-        return Ok(None);
-    }
-    let mut g = [0u8; 8];
-    g.copy_from_slice(&bytes[..8]);
-    let gen = u64::from_be_bytes(g);
-    if gen == 0 || bytes[SLOT_USED..].iter().any(|&x| x != 0) {
-        return Err(Error::tampered("keyring slot"));
-    }
-    let kek = slot_key(slot_root, b, slot, gen)
-        .open(&slot_aad(store_id, b, slot, gen), &bytes[8..SLOT_USED])
-        .map_err(|_| Error::tampered("keyring slot"))?;
-    let mut k = Zeroizing::new([0u8; 32]);
-    if kek.len() != 32 {
-        return Err(Error::tampered("keyring slot"));
-    }
-    k.copy_from_slice(&kek);
-    Ok(Some((gen, AeadKey::new(&k))))
+    Ok(open_slot(slot_root, store_id, b, slot, bytes)?.map(|(g, k)| (g, AeadKey::new(&k))))
 }
 
 /// Both slots of bucket `b` (`bytes`: 256 bytes): at least one key, no
@@ -917,11 +1308,9 @@ fn parse_bucket(
 /// Used by the decoding property tests and the fuzz target.
 #[doc(hidden)]
 pub fn parse_image(buf: &[u8], root: &RootKey) -> Result<u32> {
-    let (header, d, _) = parse_header(buf, root)?;
-    if buf.len() != HEADER_LEN + header.buckets as usize * 2 * SLOT_LEN {
-        return Err(Error::tampered("keyring length"));
-    }
-    current_state(&d.state_key, &header.store_id, buf)?;
+    let (header, d, _, _) = parse_header(buf, root)?;
+    let st = current_state(&d.state_key, &header.store_id, buf)?;
+    check_len(&header, &st, buf.len())?;
     for b in 0..header.buckets {
         for s in 0..2 {
             let off = slot_offset(b, s) as usize;
@@ -935,6 +1324,19 @@ pub fn parse_image(buf: &[u8], root: &RootKey) -> Result<u32> {
         }
     }
     Ok(header.buckets)
+}
+
+/// Every KEK a keyring image holds, opened with `root` as its epoch's root
+/// key (`None` if it does not open the image). For the forensic tools.
+pub(crate) fn image_keks(buf: &[u8], root: &RootKey) -> Option<Vec<Zeroizing<[u8; 32]>>> {
+    let (header, d, _, _) = parse_header(buf, root).ok()?;
+    let slots = raw_slots(&d.slot_root, &header, buf).ok()?;
+    Some(
+        slots
+            .into_iter()
+            .flat_map(|pair| pair.into_iter().flatten().map(|(_, k)| k))
+            .collect(),
+    )
 }
 
 #[cfg(test)]
@@ -1021,9 +1423,12 @@ mod tests {
                 // the other one): a flip there leaves it invalid, and the
                 // current copy is used.
                 Ok(_) if (STATE_OFF[0]..STATE_OFF[0] + STATE_LEN).contains(&i) => {}
-                // The store id and key check value feed the key check.
+                // The store id, the epoch and key check value feed the
+                // key check.
                 Err(Error::WrongRootKey)
-                    if (16..32).contains(&i) || (KCV_OFF..SECRETS_OFF).contains(&i) => {}
+                    if (16..32).contains(&i)
+                        || (EPOCH_OFF..EPOCH_OFF + 8).contains(&i)
+                        || (KCV_OFF..SECRETS_OFF).contains(&i) => {}
                 other => panic!("byte {i}: {other:?}"),
             }
         }
@@ -1032,5 +1437,87 @@ mod tests {
             Err(Error::Tampered { .. })
         ));
         assert_eq!(parse_image(&good, &root).expect("valid"), 2);
+    }
+
+    #[test]
+    fn ledger_is_authenticated_and_reseal_moves_everything_to_the_next_epoch() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (k, root) = new_ring(dir.path(), 3);
+        let path = dir.path().join("keyring");
+        let e = |n: u8| LedgerEntry {
+            time: 100 + u64::from(n),
+            kind: LedgerKind::Destroyed,
+            pseudonym: [n; 32],
+        };
+        k.append_ledger(&[e(1), e(2)]).expect("append");
+        k.begin_rotations(&[1], &[e(3)]).expect("begin");
+        assert_eq!(k.ledger().expect("ledger"), vec![e(1), e(2), e(3)]);
+        drop(k);
+        let k = Keyring::open(&path, &root).expect("reopen");
+        assert_eq!(k.ledger().expect("ledger").len(), 3);
+        assert!(k.is_rotating(1).expect("rotating"), "slot kept");
+        let good = std::fs::read(&path).expect("read");
+        let ledger_at = slot_offset(3, 0) as usize;
+        for i in [ledger_at + 3, ledger_at + 30, ledger_at + LEDGER_LEN + 60] {
+            let mut bad = good.clone();
+            bad[i] ^= 1;
+            assert!(
+                parse_image(&bad, &root).is_ok(),
+                "parse_image checks no ledger"
+            );
+            std::fs::write(&path, &bad).expect("write");
+            assert!(matches!(
+                Keyring::open(&path, &root),
+                Err(Error::Tampered { .. })
+            ));
+        }
+        // A ledger cut short is refused, not read as shorter.
+        std::fs::write(&path, &good[..good.len() - LEDGER_LEN]).expect("write");
+        assert!(matches!(
+            Keyring::open(&path, &root),
+            Err(Error::Tampered { .. })
+        ));
+        std::fs::write(&path, &good).expect("write");
+        let k = Keyring::open(&path, &root).expect("reopen");
+        let kek_of = |k: &Keyring, b: u32, g: u64| match k
+            .with_kek(b, g, |key| key.seal(b"aad", b"x").expect("seal"))
+        {
+            Ok(Kek::Found(sealed)) => sealed,
+            _ => panic!("no KEK {b}/{g}"),
+        };
+        let sealed = kek_of(&k, 2, 1);
+        let next = RootKey::from_bytes([9u8; 32]);
+        k.reseal(&next, 5, 777).expect("reseal");
+        assert_eq!(k.epoch(), (5, 777));
+        assert_eq!(
+            k.ledger().expect("ledger"),
+            vec![],
+            "a roll empties the ledger"
+        );
+        drop(k);
+        assert!(matches!(
+            Keyring::open(&path, &root),
+            Err(Error::WrongRootKey)
+        ));
+        let k = Keyring::open(&path, &next).expect("open under the next epoch");
+        assert_eq!(k.epoch(), (5, 777));
+        assert!(
+            k.is_rotating(1).expect("rotating"),
+            "both slots carried over"
+        );
+        // The same KEKs, re-sealed: what they sealed still opens.
+        let opened = k.with_kek(2, 1, |key| key.open(b"aad", &sealed).is_ok());
+        assert!(matches!(opened, Ok(Kek::Found(true))));
+        let _ = kek_of(&k, 2, 1);
+        // Nothing of the old sealing is left in the file.
+        let after = std::fs::read(&path).expect("read");
+        for b in 0..3u32 {
+            for s in 0..2 {
+                let off = slot_offset(b, s) as usize;
+                if good[off..off + SLOT_LEN] != [0u8; SLOT_LEN] {
+                    assert_ne!(good[off..off + SLOT_LEN], after[off..off + SLOT_LEN]);
+                }
+            }
+        }
     }
 }

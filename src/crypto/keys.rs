@@ -111,17 +111,114 @@ impl fmt::Debug for RootKey {
     }
 }
 
-/// Supplies the root key when a store opens: a file, an environment variable,
-/// or an HSM/KMS that unwraps it. bioseal asks once per `Store::open`, derives
-/// the keyring keys, and drops the root key.
+/// Supplies the store's *epoch root keys* and destroys them: a file, an
+/// environment variable, an HSM (PKCS#11) or a cloud KMS.
+///
+/// The keyring is sealed under the root key of the current epoch. Rolling
+/// the epoch ([`crate::Store::roll_epoch`]) creates the next epoch's key,
+/// re-seals the keyring under it and destroys the old one: from then on
+/// every copy of the keyring sealed under the old epoch (in a backup, a
+/// database dump, a copy of the key directory) is inert. bioseal asks for
+/// a key when a store opens, derives the keyring keys from it and drops it.
+///
+/// Epoch numbers are chosen by bioseal and only ever grow. A provider
+/// serves one store.
+///
+/// ## A cloud KMS (not built here)
+///
+/// A KMS provider keeps one key *version* per epoch. `create_epoch` makes a
+/// new version (AWS: a new key, or `GenerateDataKey` under a per-store key
+/// with the result kept wrapped; GCP: `CreateCryptoKeyVersion`);
+/// `epoch_key` returns the 32 bytes the version yields (AWS: `Decrypt` of
+/// the wrapped data key; GCP: the same with the version); `destroy_epoch`
+/// schedules the destruction (AWS `ScheduleKeyDeletion`, at least 7 days;
+/// GCP `DestroyCryptoKeyVersion`, 24 hours by default, configurable) and
+/// `destruction_delay` returns that wait, which every
+/// [`crate::ShredReceipt`] adds to its bound for backups. Both services
+/// refuse to use a key pending deletion, so a backup of that epoch cannot
+/// be restored from the moment `destroy_epoch` returns.
 pub trait KeyProvider: Send + Sync {
-    /// Return the root key.
-    fn root_key(&self) -> Result<RootKey>;
+    /// The root key of `epoch`. [`Error::EpochDestroyed`] if it was
+    /// destroyed; [`Error::KeyUnavailable`] if this provider never held it.
+    fn epoch_key(&self, epoch: u64) -> Result<RootKey>;
+
+    /// The epochs whose keys exist, ascending.
+    fn live_epochs(&self) -> Result<Vec<u64>>;
+
+    /// Create a new epoch's key, durably: its number is greater than
+    /// `after` and than every epoch this provider still holds. Returns the
+    /// number and the key.
+    fn create_epoch(&self, after: u64) -> Result<(u64, RootKey)> {
+        let _ = after;
+        Err(Error::KeyProvider(format!(
+            "{} holds one fixed root key and cannot create epochs; use a FileEpochProvider or an HSM",
+            self.describe()
+        )))
+    }
+
+    /// Destroy the key of `epoch`, irrevocably. Destroying an epoch that
+    /// is already gone succeeds.
+    fn destroy_epoch(&self, epoch: u64) -> Result<()> {
+        let _ = epoch;
+        Err(Error::KeyProvider(format!(
+            "{} holds one fixed root key and cannot destroy it",
+            self.describe()
+        )))
+    }
+
+    /// How long after `destroy_epoch` returns until the key is gone for
+    /// good (0 for a file overwritten in place or an HSM object; a KMS's
+    /// deletion wait). `None`: this provider cannot destroy keys, so
+    /// backups never become inert.
+    fn destruction_delay(&self) -> Option<std::time::Duration>;
+
+    /// What this provider is, for messages (never key material or a PIN).
+    fn describe(&self) -> String;
 }
 
+/// A boxed provider is a provider (a configuration chosen at run time).
+impl<T: KeyProvider + ?Sized> KeyProvider for Box<T> {
+    fn epoch_key(&self, epoch: u64) -> Result<RootKey> {
+        (**self).epoch_key(epoch)
+    }
+    fn live_epochs(&self) -> Result<Vec<u64>> {
+        (**self).live_epochs()
+    }
+    fn create_epoch(&self, after: u64) -> Result<(u64, RootKey)> {
+        (**self).create_epoch(after)
+    }
+    fn destroy_epoch(&self, epoch: u64) -> Result<()> {
+        (**self).destroy_epoch(epoch)
+    }
+    fn destruction_delay(&self) -> Option<std::time::Duration> {
+        (**self).destruction_delay()
+    }
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+}
+
+/// A fixed root key is a provider of one epoch, 0, that can neither roll
+/// nor be destroyed: backups of a store opened with it never become inert.
+/// Use [`crate::FileEpochProvider`] or [`crate::Pkcs11Provider`] for
+/// erasure that reaches backups.
 impl KeyProvider for RootKey {
-    fn root_key(&self) -> Result<RootKey> {
+    fn epoch_key(&self, epoch: u64) -> Result<RootKey> {
+        if epoch != 0 {
+            return Err(Error::KeyUnavailable {
+                what: "a fixed root key is epoch 0 only",
+            });
+        }
         Ok(RootKey(Zeroizing::new(*self.0)))
+    }
+    fn live_epochs(&self) -> Result<Vec<u64>> {
+        Ok(vec![0])
+    }
+    fn destruction_delay(&self) -> Option<std::time::Duration> {
+        None
+    }
+    fn describe(&self) -> String {
+        "a fixed root key".into()
     }
 }
 

@@ -4,8 +4,10 @@
 //! HKDF/HMAC-SHA-256 and the system RNG from `ring`.
 
 pub(crate) mod aead;
+pub(crate) mod epochs;
 pub(crate) mod keyring;
 pub(crate) mod keys;
+pub(crate) mod medium;
 pub(crate) mod pseudonym;
 
 use crate::error::{Error, Result};

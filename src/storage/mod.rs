@@ -255,6 +255,11 @@ pub(crate) trait Backend: Send + Sync {
     /// Take the audit log's append lock across processes (`None`: one
     /// process owns the data).
     fn lock_audit(&self) -> Result<Option<RemoteLock>>;
+    /// Exclude every keyring write of other processes (an epoch roll):
+    /// `None` where one process owns the store.
+    fn lock_epoch(&self) -> Result<Option<RemoteLock>> {
+        Ok(None)
+    }
     /// Raise the data's high-water mark to `value` (its first 8 bytes, the
     /// mark big-endian, decide): never lowers it, even when replicas race.
     fn raise_mark(&self, value: &[u8]) -> Result<()>;

@@ -117,7 +117,7 @@ impl DekTable {
     fn check(bytes: &[u8]) -> Result<u64> {
         if bytes.len() < TABLE_HEAD
             || bytes[0] != TABLE_VERSION
-            || (bytes.len() - TABLE_HEAD) % ENTRY_LEN != 0
+            || !(bytes.len() - TABLE_HEAD).is_multiple_of(ENTRY_LEN)
         {
             return Err(Error::tampered("bucket key table"));
         }

@@ -225,6 +225,7 @@ impl Store {
         let (p, b, key) = self.locate(subject);
         let guard = self.lock(b)?;
         let mut l = self.load_live(&p, b, &key, now, &guard)?;
+        self.ledger_consent_change(&p, now)?;
         l.payload.consent = consent;
         l.state.last_interaction = now.unix_secs();
         let status = self.status(&l.payload.consent, &l.state);
@@ -258,6 +259,7 @@ impl Store {
             return self.revoke_locked(b, &p, &guard).map(Withdrawal::Revoked);
         }
         let remaining = l.payload.consent.purposes().cloned().collect();
+        self.ledger_consent_change(&p, now)?;
         self.commit_subject(&p, b, l, now, entry, &guard)?;
         Ok(Withdrawal::Remaining(remaining))
     }
@@ -373,6 +375,10 @@ impl Store {
                 .outcome(outcome),
         )?;
         self.flush()?;
-        Ok(ShredReceipt { revoked_at, status })
+        Ok(ShredReceipt {
+            revoked_at,
+            status,
+            backups_inert_by: self.backups_inert_by(),
+        })
     }
 }

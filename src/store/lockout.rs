@@ -58,7 +58,7 @@ impl Store {
             self.fixed_threshold(),
         ));
         reseal_cost(&AeadKey::new(&l.dek), &l.payload, &l.state)?;
-        self.rotate_many(&[(b, Vec::new())], &[guard], true, None)
+        self.rotate_many(&[(b, Vec::new())], &[guard], true, None, true)
     }
 
     /// What a verify of an unknown subject costs: as much as an enrolled
@@ -102,7 +102,7 @@ impl Store {
             self.fixed_threshold(),
         ));
         reseal_cost(&d.key, &payload, &state)?;
-        self.rotate_many(&[(b, Vec::new())], &[guard], true, None)
+        self.rotate_many(&[(b, Vec::new())], &[guard], true, None, true)
     }
 }
 

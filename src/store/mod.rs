@@ -26,6 +26,8 @@ use zeroize::{Zeroize, Zeroizing};
 
 /// The keyring's file name in the key directory.
 const KEYRING_FILE: &str = "bioseal.keyring";
+/// The key directory's lock file (see `lock_key_dir`).
+const LOCK_FILE: &str = "bioseal.lock";
 /// Where stores before the key directory kept their keyring.
 const LEGACY_KEYRING_FILE: &str = "keyring";
 const DB_DIR: &str = "db";
@@ -41,13 +43,23 @@ type DueBucket = (u32, Vec<(Pseudonym, u32)>);
 /// available parallelism).
 const SWEEP_THREADS: usize = 4;
 
-/// When a revocation was carried out and whether its shred is complete.
+/// When a revocation was carried out, and the two bounds of its erasure:
+/// in the live data (the shred) and in backups (the key epoch).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShredReceipt {
     /// When the subject's records were removed.
     pub revoked_at: Timestamp,
-    /// Whether the bucket's KEK has been rotated.
+    /// Whether the bucket's KEK has been rotated: from then on no copy of
+    /// the live data opens the subject with today's keyring.
     pub status: ShredStatus,
+    /// By when every backup (and every other copy of the keyring sealed
+    /// under the current epoch: dumps, copies of the key directory) is
+    /// inert for this subject: the end of the current key epoch plus the
+    /// key provider's destruction delay. Restoring a backup before then
+    /// replays the revocation ledger, so the subject never comes back.
+    /// `None`: the key provider cannot destroy keys (a fixed root key), so
+    /// backups never become inert.
+    pub backups_inert_by: Option<Timestamp>,
 }
 
 /// State of a revocation's crypto-shred.
@@ -81,6 +93,9 @@ pub struct SweepReport {
     pub expired: usize,
     /// Bucket KEKs rotated.
     pub buckets_rotated: usize,
+    /// The new key epoch, if the current one was due and this sweep
+    /// rolled it (see [`StoreConfig::epoch_length`]).
+    pub epoch_rolled: Option<u64>,
     /// Wall-clock time the sweep took.
     pub took: Duration,
 }
@@ -106,6 +121,15 @@ pub struct StoreStats {
 pub struct Store {
     /// Embedded mode: the data directory.
     dir: Option<PathBuf>,
+    /// Embedded mode: the key directory's lock, held while the store is
+    /// open (one process owns an embedded store).
+    _key_lock: Option<std::fs::File>,
+    /// Supplies and destroys the epoch root keys.
+    keys: Arc<dyn crate::crypto::keys::KeyProvider>,
+    /// How long an epoch runs before `sweep` rolls it.
+    epoch_length: Duration,
+    /// Held by an epoch roll.
+    roll: Mutex<()>,
     db: Arc<dyn Backend>,
     keyring: Keyring,
     audit: AuditLog,
@@ -170,6 +194,10 @@ struct Loaded {
     index_day: Option<Option<u32>>,
 }
 
+mod backup;
+mod epoch;
+pub use backup::{BackupInfo, RestoreReport};
+pub use epoch::EpochStatus;
 mod lifecycle;
 mod lockout;
 mod retention;
@@ -203,6 +231,8 @@ impl Store {
             db,
             data_existed,
             init_lock,
+            key_lock,
+            epochs_settled,
         } = opened;
         let h = keyring.header();
         if h.model_id != model_id || h.dim as usize != dim {
@@ -298,6 +328,9 @@ impl Store {
             threshold_fixed: std::sync::atomic::AtomicI64::new(threshold.fixed()),
             flusher,
             dir,
+            _key_lock: key_lock,
+            epoch_length: config.epoch_length,
+            roll: Mutex::new(()),
             db,
             keyring,
             audit,
@@ -305,6 +338,7 @@ impl Store {
             max_templates: config.max_templates,
             shred_policy: config.shred,
             attempts: config.attempt_policy(),
+            keys: config.key,
             clock: config.clock,
             max_consent_lifetime: config.max_consent_lifetime,
             max_inactivity: config.max_inactivity,
@@ -337,7 +371,22 @@ impl Store {
                 st.audit_mac = anchor.audit_mac;
             })?;
         }
+        if epochs_settled > 0 {
+            // A roll a crash interrupted, finished (or undone) by this open.
+            let (epoch, _) = store.keyring.epoch();
+            store.log(
+                store.now(),
+                AuditEntry::new(AuditEvent::EpochRolled)
+                    .count(epoch)
+                    .outcome(AuditOutcome::Ok),
+            )?;
+        }
         store.recover()?;
+        if let Some(from) = store.keyring.state().replay_from {
+            // A restore wrote this keyring: replay the revocation ledger
+            // (again, if a crash interrupted it).
+            store.replay_ledger(from)?;
+        }
         Ok(store)
     }
 
@@ -552,13 +601,17 @@ struct Opened {
     /// Shared mode: held until the store id is bound (store creation is
     /// serialised across replicas).
     init_lock: Option<storage::RemoteLock>,
+    /// Embedded mode: the key directory's lock.
+    key_lock: Option<std::fs::File>,
+    /// Epochs other than the keyring's that this open destroyed (a roll a
+    /// crash interrupted).
+    epochs_settled: usize,
 }
 
 /// The keyring image of a new store (either backend): the configured
 /// threshold is required.
 fn new_keyring_image(
     config: &StoreConfig,
-    root: &crate::crypto::keys::RootKey,
     model_id: &str,
     dim: usize,
     threshold: Option<Threshold>,
@@ -566,8 +619,10 @@ fn new_keyring_image(
     let t = threshold.ok_or_else(|| {
         Error::Config("no threshold set for a new store (StoreConfig::threshold)".into())
     })?;
+    let (epoch, root) = epoch::first_epoch(&*config.key)?;
     Keyring::image(
-        root,
+        &root,
+        epoch,
         config.buckets,
         model_id,
         dim as u32,
@@ -622,23 +677,26 @@ fn open_embedded(
         &key_dir,
         std::os::unix::fs::PermissionsExt::from_mode(0o700),
     )?;
+    let key_lock = lock_key_dir(&key_dir)?;
     let kpath = key_dir.join(KEYRING_FILE);
     let dbpath = dir.join(DB_DIR);
-    let (keyring, created) = {
-        let root = config.key.root_key()?;
-        if kpath.exists() {
-            (Keyring::open(&kpath, &root)?, false)
-        } else if dbpath.exists() {
-            return Err(Error::KeyUnavailable {
-                    what: "the keyring file is missing from the key directory; refusing to create a new one over existing data",
-                });
-        } else {
-            let image = new_keyring_image(config, &root, model_id, dim, threshold)?;
-            let medium = crate::crypto::keyring::FileMedium::create(&kpath, &image)?;
-            (Keyring::load(Arc::new(medium), &root)?, true)
-        }
+    epoch::settle_next(&kpath, &*config.key)?;
+    let (keyring, created) = if kpath.exists() {
+        let medium = crate::crypto::keyring::FileMedium::open(&kpath)?;
+        (Keyring::load_from(Arc::new(medium), &*config.key)?, false)
+    } else if dbpath.exists() {
+        return Err(Error::KeyUnavailable {
+                what: "the keyring file is missing from the key directory; refusing to create a new one over existing data",
+            });
+    } else {
+        let image = new_keyring_image(config, model_id, dim, threshold)?;
+        let medium = crate::crypto::keyring::FileMedium::create(&kpath, &image)?;
+        (Keyring::load_from(Arc::new(medium), &*config.key)?, true)
     };
+    let epochs_settled = epoch::settle_epochs(&*config.key, keyring.epoch().0)?;
     Ok(Opened {
+        key_lock: Some(key_lock),
+        epochs_settled,
         data_existed: dbpath.exists(),
         db: {
             let (dir, cache) = (dir.clone(), config.cache_bytes);
@@ -668,20 +726,27 @@ fn open_shared(
     let pg = PgBackend::connect(url, config.pool_size)?;
     let init = pg.lock_init()?;
     let medium = Arc::new(PgMedium::new(pg.clone()));
-    let root = config.key.root_key()?;
     let (keyring, created) = if medium.exists()? {
-        (Keyring::load(medium, &root)?, false)
+        (Keyring::load_from(medium, &*config.key)?, false)
     } else if storage::store_id(&*pg)?.is_some() || pg.last(Table::Records, None)?.is_some() {
         return Err(Error::KeyUnavailable {
             what: "the keyring rows are missing from the database; refusing to create a new keyring over existing data",
         });
     } else {
-        let image = new_keyring_image(config, &root, model_id, dim, threshold)?;
+        let image = new_keyring_image(config, model_id, dim, threshold)?;
         medium.create(&image)?;
-        (Keyring::load(medium, &root)?, true)
+        (Keyring::load_from(medium, &*config.key)?, true)
     };
+    // Under the creation lock, which an epoch roll also takes: no roll is
+    // under way, so any other live epoch is a stray one.
+    let epochs_settled = epoch::settle_epochs(&*config.key, keyring.epoch().0)?;
+    // Another replica may roll the epoch: this one adopts it under its
+    // locks, with the key from the same provider.
+    keyring.share_provider(config.key.clone());
     pg.set_namespace(&keyring.header().store_id);
     Ok(Opened {
+        key_lock: None,
+        epochs_settled,
         dir: None,
         keyring,
         created,
@@ -706,6 +771,24 @@ fn to_wrapped(sealed: &[u8]) -> Result<[u8; WRAPPED_DEK_LEN]> {
     }
     w.copy_from_slice(sealed);
     Ok(w)
+}
+
+/// The key directory's lock file: one process opens an embedded store
+/// (sled refuses a second too, but only after the keyring was read; an
+/// epoch roll must not race another process's open).
+fn lock_key_dir(key_dir: &Path) -> Result<std::fs::File> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.read(true).write(true).create(true).truncate(false);
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let f = opts.open(key_dir.join(LOCK_FILE))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Storage(format!(
+            "the store is open in another process (the key directory {} is locked)",
+            key_dir.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(e.into()),
+    }
 }
 
 /// Refuse a key directory that is, or is inside, the data directory.

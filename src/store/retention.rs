@@ -78,10 +78,14 @@ impl Store {
         let seen = self.seen.load(std::sync::atomic::Ordering::SeqCst);
         self.keyring
             .update_state(|st| st.last_seen = st.last_seen.max(seen))?;
+        // A due epoch is rolled here, so that the bound every receipt
+        // states for backups holds for a store swept on a schedule.
+        let epoch_rolled = self.roll_epoch_if_due()?.then(|| self.keyring.epoch().0);
         Ok(SweepReport {
             examined,
             expired,
             buckets_rotated: rotated,
+            epoch_rolled,
             took: started.elapsed(),
         })
     }
@@ -112,7 +116,13 @@ impl Store {
         let mut rotated = 0;
         match self.shred_policy {
             ShredPolicy::Immediate if !removals.is_empty() => {
-                self.rotate_many(&removals, &guards.iter().collect::<Vec<_>>(), false, None)?;
+                self.rotate_many(
+                    &removals,
+                    &guards.iter().collect::<Vec<_>>(),
+                    false,
+                    None,
+                    true,
+                )?;
                 rotated = removals.len();
             }
             ShredPolicy::Immediate => {}

@@ -1,6 +1,7 @@
 //! Key tables, bucket KEK rotations, shreds and crash recovery.
 
 use super::*;
+use crate::crypto::keyring::{LedgerEntry, LedgerKind};
 
 /// Most subjects one bucket holds (see [`Store::table_with`]).
 pub(crate) const MAX_BUCKET_SUBJECTS: usize = 1 << 16;
@@ -26,7 +27,7 @@ impl Store {
                 }
             }
             if !work.is_empty() {
-                self.rotate_many(&work, &guards.iter().collect::<Vec<_>>(), false, None)?;
+                self.rotate_many(&work, &guards.iter().collect::<Vec<_>>(), false, None, true)?;
                 n += work.len();
             }
         }
@@ -54,7 +55,7 @@ impl Store {
     ) -> Result<bool> {
         match self.shred_policy {
             ShredPolicy::Immediate => {
-                self.rotate_many(&[(b, ps.to_vec())], &[guard], false, None)?;
+                self.rotate_many(&[(b, ps.to_vec())], &[guard], false, None, true)?;
                 Ok(true)
             }
             ShredPolicy::Deferred => {
@@ -68,6 +69,17 @@ impl Store {
     /// (caller holds the lock). Their key-table entries stay until the shred,
     /// which drops every entry without a record.
     pub(super) fn remove_deferred(&self, b: u32, ps: &[Pseudonym]) -> Result<()> {
+        // The ledger before the removals (see `rotate_many`).
+        let now = self.now().unix_secs();
+        let ledger: Vec<LedgerEntry> = ps
+            .iter()
+            .map(|p| LedgerEntry {
+                time: now,
+                kind: LedgerKind::Destroyed,
+                pseudonym: p.0,
+            })
+            .collect();
+        self.keyring.append_ledger(&ledger)?;
         // The marker first: a crash part-way through the removals must not
         // leave a removed subject without a pending shred.
         let mut w = Writes::default();
@@ -76,6 +88,17 @@ impl Store {
             self.remove_subject(&mut w, b, p)?;
         }
         w.apply(&*self.db)
+    }
+
+    /// Record a consent change of `p` in the revocation ledger, before it is
+    /// written: a restore of an older backup must not bring the older
+    /// consent back (it destroys the subject; see `Store::restore`).
+    pub(super) fn ledger_consent_change(&self, p: &Pseudonym, now: Timestamp) -> Result<()> {
+        self.keyring.append_ledger(&[LedgerEntry {
+            time: now.unix_secs(),
+            kind: LedgerKind::ConsentChanged,
+            pseudonym: p.0,
+        }])
     }
 
     /// Finish what a crash interrupted: half-done rotations, and (with
@@ -177,12 +200,17 @@ impl Store {
     /// `work`) is re-sealed under a fresh DEK in the same transaction (see
     /// [`Store::rekey`]); without it, a strict rotation writes a
     /// record-sized stand-in instead, so that both cost the same.
+    ///
+    /// With `ledger`, the removed subjects enter the revocation ledger in
+    /// the keyring's first sync (a restore's replay, which removes what the
+    /// ledger already lists, passes false).
     pub(super) fn rotate_many(
         &self,
         work: &[(u32, Vec<Pseudonym>)],
         _guards: &[&BucketGuard<'_>],
         strict: bool,
         rekey: Option<(&Pseudonym, Loaded)>,
+        ledger: bool,
     ) -> Result<()> {
         for (b, _) in work {
             if self.keyring.is_rotating(*b)? {
@@ -201,7 +229,21 @@ impl Store {
             opened.push(self.open_table(*b, remove, replace, strict)?);
         }
         let buckets: Vec<u32> = work.iter().map(|(b, _)| *b).collect();
-        let gens = self.keyring.begin_rotations(&buckets)?;
+        // Every subject this rotation destroys enters the revocation ledger
+        // with the new KEKs, before any of its records go: a restore of an
+        // older backup replays it (see `Store::restore`).
+        let now_secs = self.now().unix_secs();
+        let ledger: Vec<LedgerEntry> = work
+            .iter()
+            .filter(|_| ledger)
+            .flat_map(|(_, remove)| remove.iter())
+            .map(|p| LedgerEntry {
+                time: now_secs,
+                kind: LedgerKind::Destroyed,
+                pseudonym: p.0,
+            })
+            .collect();
+        let gens = self.keyring.begin_rotations(&buckets, &ledger)?;
         let mut w = Writes::default();
         for (((b, remove), &gen), deks) in work.iter().zip(&gens).zip(&opened) {
             for p in remove {
@@ -296,7 +338,7 @@ impl Store {
         l: Loaded,
         guard: &BucketGuard<'_>,
     ) -> Result<()> {
-        self.rotate_many(&[(b, Vec::new())], &[guard], true, Some((p, l)))
+        self.rotate_many(&[(b, Vec::new())], &[guard], true, Some((p, l)), true)
     }
 
     /// Bucket `b`'s key table re-wrapped under `new_gen` (see

@@ -4,14 +4,14 @@
 //! (missing or malformed file, invalid embedding, consent or subject), 4 not
 //! enrolled, 5 consent (purpose not consented, consent or retention expired),
 //! 6 locked out or disabled, 7 keys (wrong root key, key unavailable, store or
-//! model mismatch, old layout), 8 tampering (including a broken audit
+//! model mismatch, old layout, destroyed epoch, key provider), 8 tampering (including a broken audit
 //! chain), 9 storage, I/O or anything else, 10 rolled back (the store is
 //! older than the keyring's high-water mark), 11 clock jump. Errors are one
 //! line on stderr and never contain template data.
 //!
 //! One file per command group: `subjects.rs` (init, enroll, verify,
 //! add-template, reset-attempts, revoke, consent), `maintenance.rs` (sweep,
-//! audit, stats), `calibrate.rs`, `store.rs` (opening the store and the
+//! audit, stats, epoch, backup, restore), `calibrate.rs`, `store.rs` (opening the store and the
 //! settings mirror), `input.rs` (embeddings, dates, digests).
 #![forbid(unsafe_code)]
 
@@ -46,11 +46,24 @@ pub(crate) struct Cli {
     /// in the database, bioseal.json in the key directory).
     #[arg(long, env = "BIOSEAL_STORE", global = true)]
     store: Option<PathBuf>,
-    /// Root key file (32 bytes, mode 0600), kept outside the store directory.
-    #[arg(long, env = "BIOSEAL_ROOT_KEY_FILE", global = true)]
+    /// Root key file (32 bytes, mode 0600), kept outside the store
+    /// directory: one fixed key, so backups never become inert (prefer
+    /// --epochs).
+    #[arg(
+        long,
+        env = "BIOSEAL_ROOT_KEY_FILE",
+        global = true,
+        conflicts_with = "epochs"
+    )]
     root_key: Option<PathBuf>,
+    /// Epoch key file (mode 0600, outside the store directory): the
+    /// store's epoch root keys, each destroyed when the epoch rolls (`epoch
+    /// roll`, or `sweep` once an epoch is 30 days old), so that backups of
+    /// revoked subjects become inert.
+    #[arg(long, env = "BIOSEAL_EPOCHS_FILE", global = true)]
+    epochs: Option<PathBuf>,
     /// Key directory: where the keyring lives, outside the store directory
-    /// (default: the directory that holds the root key file).
+    /// (default: the directory that holds the root key or epoch file).
     #[arg(long, env = "BIOSEAL_KEYS", global = true)]
     keys: Option<PathBuf>,
     /// Open data older than the keyring's high-water mark (a restored copy
@@ -158,6 +171,23 @@ pub(crate) enum Command {
     },
     /// Counts, key generations and disk use. Never template data.
     Stats,
+    /// Show or roll the key epoch.
+    Epoch {
+        #[command(subcommand)]
+        action: EpochCmd,
+    },
+    /// Write a backup (data and keyring, sealed under the current epoch) to
+    /// a new directory.
+    Backup {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Restore a backup into an empty store directory (the key directory
+    /// must hold the store's keyring: its revocation ledger is replayed).
+    Restore {
+        #[arg(long)]
+        from: PathBuf,
+    },
     /// Choose a threshold for a target false-match rate from labelled
     /// evaluation embeddings (JSON lines: `identity`, `embedding`).
     Calibrate {
@@ -200,6 +230,14 @@ pub(crate) enum ConsentCmd {
 }
 
 #[derive(Subcommand)]
+pub(crate) enum EpochCmd {
+    /// The current epoch, its age, when it is due, the oldest restorable backup.
+    Status,
+    /// Create the next epoch's key, re-seal the keyring, destroy the old key.
+    Roll,
+}
+
+#[derive(Subcommand)]
 pub(crate) enum AuditCmd {
     /// Verify the MAC chain; prints the entry count and head.
     Verify,
@@ -228,6 +266,8 @@ impl From<Error> for Fail {
             Error::WrongRootKey
             | Error::KeyUnavailable { .. }
             | Error::InvalidRootKey(_)
+            | Error::EpochDestroyed { .. }
+            | Error::KeyProvider(_)
             | Error::StoreMismatch
             | Error::LegacyLayout(_)
             | Error::ModelMismatch { .. } => 7,
@@ -292,6 +332,9 @@ fn run(cli: Cli) -> R<u8> {
         Command::Sweep { dry_run } => maintenance::sweep(c, dry_run),
         Command::Audit { action } => maintenance::audit(c, action),
         Command::Stats => maintenance::stats(c),
+        Command::Epoch { action } => maintenance::epoch(c, action),
+        Command::Backup { out } => maintenance::backup(c, out),
+        Command::Restore { from } => maintenance::restore(c, from),
         Command::Calibrate {
             pairs,
             target_fmr,

@@ -1,4 +1,4 @@
-//! Store-wide commands: sweep, audit, stats.
+//! Store-wide commands: sweep, audit, stats, epoch, backup, restore.
 
 use super::*;
 
@@ -20,7 +20,78 @@ pub(crate) fn sweep(cli: &Cli, dry_run: &bool) -> R<u8> {
             r.buckets_rotated,
             r.took.as_secs_f64()
         );
+        if let Some(e) = r.epoch_rolled {
+            println!("key epoch was due: rolled to epoch {e}");
+        }
     }
+    Ok(0)
+}
+
+/// `bioseal epoch status|roll`.
+pub(crate) fn epoch(cli: &Cli, action: &EpochCmd) -> R<u8> {
+    let (store, _) = open(cli)?;
+    let st = match action {
+        EpochCmd::Status => store.epoch_status()?,
+        EpochCmd::Roll => {
+            let st = store.roll_epoch()?;
+            println!(
+                "rolled to epoch {}; the previous epoch's key is destroyed",
+                st.epoch
+            );
+            st
+        }
+    };
+    println!("epoch              {}", st.epoch);
+    println!("started            {}", when(st.started));
+    println!("age                {} s", st.age.as_secs());
+    println!("due                {}", when(st.due));
+    println!(
+        "oldest restorable  backups taken at or after {}",
+        when(st.oldest_restorable)
+    );
+    match st.destruction_delay {
+        Some(d) => println!("destruction delay  {} s", d.as_secs()),
+        None => println!("destruction delay  never (a fixed root key cannot be destroyed)"),
+    }
+    println!("ledger entries     {}", st.ledger_entries);
+    Ok(0)
+}
+
+/// `bioseal backup --out DIR`.
+pub(crate) fn backup(cli: &Cli, out: &Path) -> R<u8> {
+    let (store, settings) = open(cli)?;
+    let b = store.backup(out)?;
+    // The settings mirror goes with it (the restore reads it back).
+    write_settings(out, &settings)?;
+    println!(
+        "backup {}: {} rows, {} bytes, epoch {}, mark {}; restorable until epoch {} is rolled",
+        out.display(),
+        b.rows,
+        b.bytes,
+        b.epoch,
+        b.mark,
+        b.epoch
+    );
+    Ok(0)
+}
+
+/// `bioseal restore --from DIR`.
+pub(crate) fn restore(cli: &Cli, from: &Path) -> R<u8> {
+    let dir = store_dir(cli)?;
+    // The settings mirror travels with the data directory; a restore
+    // reads it from the backup's copy if the store directory is gone.
+    let settings = read_settings(from)?;
+    let (store, r) = Store::restore(from, config(cli, &settings)?)?;
+    drop(store);
+    if !is_shared(cli) {
+        write_settings(dir, &settings)?;
+    }
+    println!(
+        "restored {} rows into {}; {} revocation-ledger entries replayed",
+        r.rows,
+        store_name(cli)?,
+        r.replayed
+    );
     Ok(0)
 }
 

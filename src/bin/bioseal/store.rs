@@ -57,10 +57,40 @@ pub(crate) fn store_name(cli: &Cli) -> R<String> {
     }
 }
 
+/// The key file: the epoch file (`--epochs`) or the root key file.
 pub(crate) fn key_path(cli: &Cli) -> R<&Path> {
-    cli.root_key
+    cli.epochs
         .as_deref()
-        .ok_or_else(|| input("no root key: pass --root-key FILE or set BIOSEAL_ROOT_KEY_FILE"))
+        .or(cli.root_key.as_deref())
+        .ok_or_else(|| {
+            input("no keys: pass --epochs FILE (or --root-key FILE), or set BIOSEAL_EPOCHS_FILE")
+        })
+}
+
+/// The key provider the flags name.
+pub(crate) fn provider(cli: &Cli) -> R<Box<dyn bioseal::KeyProvider>> {
+    Ok(match &cli.epochs {
+        Some(path) => {
+            if !path.exists() {
+                return Err(input(format!(
+                    "{} does not exist (bioseal init --epochs creates it)",
+                    path.display()
+                )));
+            }
+            Box::new(bioseal::FileEpochProvider::open(path)?)
+        }
+        None => Box::new(RootKey::from_file(key_path(cli)?)?),
+    })
+}
+
+/// The store's configuration from the flags and settings.
+pub(crate) fn config(cli: &Cli, settings: &Settings) -> R<StoreConfig> {
+    Ok(StoreConfig::new(store_dir(cli)?, provider(cli)?)
+        .key_dir(key_dir(cli)?)
+        .model(&settings.model, settings.dim)
+        .buckets(settings.buckets)
+        .accept_rollback(cli.accept_rollback)
+        .accept_clock_jump(cli.accept_clock_jump))
 }
 
 /// The key directory: `--keys`, or the directory of the root key file.
@@ -129,18 +159,8 @@ pub(crate) fn open(cli: &Cli) -> R<(Store, Settings)> {
 /// Open the store with settings already read (so that input can be checked
 /// against them first: bad input never opens the store).
 pub(crate) fn open_with(cli: &Cli, settings: Settings) -> R<(Store, Settings)> {
-    let dir = store_dir(cli)?;
-    let keys = key_dir(cli)?;
-    let key = RootKey::from_file(key_path(cli)?)?;
     // The threshold is the keyring's (authenticated); bioseal.json only
     // mirrors it, so editing that file changes nothing.
-    let store = Store::open(
-        StoreConfig::new(dir, key)
-            .key_dir(keys)
-            .model(&settings.model, settings.dim)
-            .buckets(settings.buckets)
-            .accept_rollback(cli.accept_rollback)
-            .accept_clock_jump(cli.accept_clock_jump),
-    )?;
+    let store = Store::open(config(cli, &settings)?)?;
     Ok((store, settings))
 }

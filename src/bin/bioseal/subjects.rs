@@ -9,7 +9,7 @@ pub(crate) fn init(cli: &Cli, model: &str, dim: &usize, threshold: &f32, buckets
     let key_file = key_path(cli)?;
     if key_file.exists() {
         return Err(input(format!(
-            "{} exists: refusing to overwrite a root key",
+            "{} exists: refusing to overwrite a key file",
             key_file.display()
         )));
     }
@@ -20,8 +20,13 @@ pub(crate) fn init(cli: &Cli, model: &str, dim: &usize, threshold: &f32, buckets
         )));
     }
     let keys = key_dir(cli)?;
-    let key = RootKey::generate()?;
-    key.write_new_file(key_file)?;
+    let key: Box<dyn bioseal::KeyProvider> = if cli.epochs.is_some() {
+        Box::new(bioseal::FileEpochProvider::open(key_file)?)
+    } else {
+        let key = RootKey::generate()?;
+        key.write_new_file(key_file)?;
+        Box::new(key)
+    };
     let store = Store::open(
         StoreConfig::new(dir, key)
             .key_dir(keys)
@@ -42,8 +47,13 @@ pub(crate) fn init(cli: &Cli, model: &str, dim: &usize, threshold: &f32, buckets
         },
     )?;
     println!(
-        "created store {} (model {model}, {dim} dimensions, {buckets} buckets); root key {}",
+        "created store {} (model {model}, {dim} dimensions, {buckets} buckets); {} {}",
         store_name(cli)?,
+        if cli.epochs.is_some() {
+            "epoch keys"
+        } else {
+            "root key"
+        },
         key_file.display()
     );
     Ok(0)
@@ -136,6 +146,15 @@ pub(crate) fn revoke(cli: &Cli, subject: &str) -> R<u8> {
             println!("revoked {subject}; shredded at {}", when(at))
         }
         ShredStatus::Pending => println!("revoked {subject}; shred pending"),
+    }
+    match r.backups_inert_by {
+        Some(t) => println!(
+            "backups inert by {} (end of the key epoch + the provider's delay)",
+            when(t)
+        ),
+        None => println!(
+            "backups never become inert: a fixed root key cannot be destroyed (use --epochs)"
+        ),
     }
     Ok(0)
 }

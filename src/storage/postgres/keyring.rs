@@ -34,7 +34,7 @@ impl PgMedium {
 /// `bytes` at offset `off` as whole units.
 pub(super) fn units(off: u64, bytes: &[u8]) -> Result<Vec<(i32, Vec<u8>)>> {
     let bad = || Error::tampered("keyring write (not whole 128-byte units)");
-    if off as usize % UNIT != 0 || bytes.len() % UNIT != 0 {
+    if !(off as usize).is_multiple_of(UNIT) || !bytes.len().is_multiple_of(UNIT) {
         return Err(bad());
     }
     let first = i32::try_from(off as usize / UNIT).map_err(|_| bad())?;
@@ -45,7 +45,7 @@ pub(super) fn units(off: u64, bytes: &[u8]) -> Result<Vec<(i32, Vec<u8>)>> {
         .collect())
 }
 
-impl crate::crypto::keyring::Medium for PgMedium {
+impl crate::crypto::medium::Medium for PgMedium {
     fn read_all(&self) -> Result<Vec<u8>> {
         let rows = self.pg.keyring_all()?;
         let mut out = Vec::with_capacity(rows.len() * UNIT);
@@ -90,5 +90,10 @@ impl crate::crypto::keyring::Medium for PgMedium {
 
     fn shared(&self) -> bool {
         true
+    }
+
+    fn replace(&self, image: &[u8]) -> Result<Arc<dyn crate::crypto::medium::Medium>> {
+        self.pg.keyring_replace(&units(0, image)?)?;
+        Ok(Arc::new(PgMedium::new(self.pg.clone())))
     }
 }

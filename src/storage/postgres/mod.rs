@@ -44,6 +44,12 @@ const INIT_NAMESPACE: i32 = 0x6269_6f73; // "bios"
 /// Lock "bucket" of the keyring state and the audit tail (buckets are
 /// 0..65536).
 pub(crate) const STATE_LOCK: i32 = -1;
+/// The epoch gate: every holder of bucket locks holds it shared; an epoch
+/// roll takes it exclusively, so that no keyring write of any replica
+/// interleaves with the re-sealing.
+const EPOCH_GATE: i32 = -2;
+/// `EPOCH_GATE` taken shared, in a lock list (never a bucket index).
+const GATE_SHARED: i32 = i32::MIN;
 
 /// A pooled connection. `broken` is set when a statement failed in a way
 /// that may leave session state (advisory locks) behind: the pool then
@@ -358,6 +364,18 @@ impl PgBackend {
         )
     }
 
+    /// Exclude every other replica's keyring writes (an epoch roll): the
+    /// epoch gate exclusively (every bucket-lock holder has left), then the
+    /// state lock.
+    fn lock_epoch_all(&self) -> Result<RemoteLock> {
+        // Opens (which settle stray epochs) wait too.
+        let init = self.lock_init()?;
+        let ns = self.namespace.load(Ordering::Relaxed);
+        let gate = self.lock_in(ns, &[EPOCH_GATE], false, &[])?;
+        let state = self.lock_store()?;
+        Ok(Box::new((state, gate, init)))
+    }
+
     /// Serialise store creation across replicas.
     pub(crate) fn lock_init(&self) -> Result<RemoteLock> {
         self.lock_in(INIT_NAMESPACE, &[1], false, &[])
@@ -402,7 +420,11 @@ impl PgBackend {
         };
         let mut sql = String::new();
         for k in keys {
-            sql.push_str(&format!("SELECT {f}({ns}, {k});"));
+            if *k == GATE_SHARED {
+                sql.push_str(&format!("SELECT {f}_shared({ns}, {EPOCH_GATE});"));
+            } else {
+                sql.push_str(&format!("SELECT {f}({ns}, {k});"));
+            }
         }
         if !prefetch.is_empty() {
             let parts: Vec<String> = prefetch.iter().map(i32::to_string).collect();
@@ -506,7 +528,13 @@ fn unlock(id: usize, ns: i32, keys: &[i32], xact: bool) {
         let commits = !sql.is_empty();
         for (ns, keys) in std::mem::take(&mut x.deferred) {
             for k in keys {
-                sql.push_str(&format!("SELECT pg_advisory_unlock({ns}, {k});"));
+                if k == GATE_SHARED {
+                    sql.push_str(&format!(
+                        "SELECT pg_advisory_unlock_shared({ns}, {EPOCH_GATE});"
+                    ));
+                } else {
+                    sql.push_str(&format!("SELECT pg_advisory_unlock({ns}, {k});"));
+                }
             }
         }
         if !sql.is_empty() {
@@ -566,6 +594,32 @@ impl PgBackend {
                 "INSERT INTO bioseal.keyring (part, v) SELECT * FROM unnest($1::int4[], $2::bytea[]) \
                  ON CONFLICT (part) DO UPDATE SET v = EXCLUDED.v",
                 &[(&parts, Type::INT4_ARRAY), (&vals, Type::BYTEA_ARRAY)],
+            )
+        })
+        .map(|_| ())
+    }
+
+    /// Replace the whole keyring image in one statement: units written,
+    /// rows past its end deleted (disjoint rows; atomic).
+    pub(crate) fn keyring_replace(&self, units: &[(i32, Vec<u8>)]) -> Result<()> {
+        HELD.with(|h| {
+            if let Some(x) = h.borrow_mut().iter_mut().find(|x| x.backend == self.id) {
+                x.strict = true;
+            }
+        });
+        let parts: Vec<i32> = units.iter().map(|u| u.0).collect();
+        let vals: Vec<&[u8]> = units.iter().map(|u| u.1.as_slice()).collect();
+        let end = i32::try_from(units.len()).map_err(|_| Error::tampered("keyring length"))?;
+        self.with_conn(|c| {
+            c.query_typed(
+                "WITH gone AS (DELETE FROM bioseal.keyring WHERE part >= $3) \
+                 INSERT INTO bioseal.keyring (part, v) SELECT * FROM unnest($1::int4[], $2::bytea[]) \
+                 ON CONFLICT (part) DO UPDATE SET v = EXCLUDED.v",
+                &[
+                    (&parts, Type::INT4_ARRAY),
+                    (&vals, Type::BYTEA_ARRAY),
+                    (&end, Type::INT4),
+                ],
             )
         })
         .map(|_| ())
@@ -824,9 +878,13 @@ impl Backend for PgBackend {
         buckets: &[u32],
         prefetch: &[(u64, usize)],
     ) -> Result<Option<RemoteLock>> {
-        let keys: Vec<i32> = buckets
-            .iter()
-            .map(|&b| i32::try_from(b).map_err(|_| Error::tampered("bucket index")))
+        // The epoch gate (shared) first, then the buckets.
+        let keys: Vec<i32> = std::iter::once(Ok(GATE_SHARED))
+            .chain(
+                buckets
+                    .iter()
+                    .map(|&b| i32::try_from(b).map_err(|_| Error::tampered("bucket index"))),
+            )
             .collect::<Result<_>>()?;
         let mut parts = Vec::new();
         for &(off, len) in prefetch {
@@ -838,6 +896,10 @@ impl Backend for PgBackend {
 
     fn lock_audit(&self) -> Result<Option<RemoteLock>> {
         self.lock_store().map(Some)
+    }
+
+    fn lock_epoch(&self) -> Result<Option<RemoteLock>> {
+        self.lock_epoch_all().map(Some)
     }
 
     fn raise_mark(&self, value: &[u8]) -> Result<()> {
