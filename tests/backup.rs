@@ -12,7 +12,7 @@ use bioseal::{
     Decision, Error, FileEpochProvider, ManualClock, Purpose, Store, StoreConfig, Threshold,
     Timestamp,
 };
-use common::{consent, contains, emb, read_all_files, Rng, IDV};
+use common::{consent, contains, emb, read_all_files, Kind, Rng, IDV};
 use std::collections::HashSet;
 use std::path::Path;
 use std::process::Command;
@@ -37,6 +37,35 @@ fn config(dir: &Path) -> StoreConfig {
     config_at(dir, &dir.join("data"))
 }
 
+/// Where a test's data lives: `dir/data`, or a fresh database (whose URL
+/// is written to `dir/url`, so that a worker process finds it).
+fn location(k: Kind, dir: &Path) -> std::path::PathBuf {
+    match k {
+        Kind::Sled => dir.join("data"),
+        Kind::Postgres => {
+            let url = common::pg::fresh_database();
+            std::fs::write(dir.join("url"), &url).expect("write url");
+            std::path::PathBuf::from(url)
+        }
+    }
+}
+
+/// The disaster: the data is lost, the keyring (key directory, or the
+/// keyring rows) survives.
+fn lose_data(k: Kind, data: &Path) {
+    match k {
+        Kind::Sled => std::fs::remove_dir_all(data).expect("lose the data"),
+        Kind::Postgres => {
+            let mut c = common::pg::client(&data.to_string_lossy());
+            c.batch_execute(
+                "DELETE FROM bioseal.records; DELETE FROM bioseal.keys; \
+                 DELETE FROM bioseal.meta; DELETE FROM bioseal.audit;",
+            )
+            .expect("lose the data");
+        }
+    }
+}
+
 fn vector(i: u64) -> Vec<f32> {
     Rng(9_000 + i).unit(DIM)
 }
@@ -53,8 +82,8 @@ fn now() -> Timestamp {
 
 /// Enroll s0..s{N-1}, back up to `dir/backup`; then revoke s3, withdraw
 /// s5's last purpose, renew s7's consent and enroll s{N} (after the backup).
-fn populate_backup_and_change(dir: &Path) {
-    let store = Store::open(config(dir)).expect("open");
+fn populate_backup_and_change(dir: &Path, data: &Path) {
+    let store = Store::open(config_at(dir, data)).expect("open");
     for i in 0..N {
         store
             .enroll(&name(i), emb(&vector(i)), consent(now(), 365))
@@ -90,13 +119,14 @@ fn check_restored(store: &Store) {
     store.audit().verify_chain().expect("chain");
 }
 
-#[test]
-fn a_backup_before_a_revocation_restored_after_it_does_not_resurrect() {
+fn a_backup_before_a_revocation_restored_after_it_does_not_resurrect(k: Kind) {
     let tmp = tempfile::tempdir().expect("tempdir");
-    populate_backup_and_change(tmp.path());
-    // The data is lost; the key directory (keyring, ledger, epoch file)
-    // survives.
-    std::fs::remove_dir_all(tmp.path().join("data")).expect("lose the data");
+    let data = location(k, tmp.path());
+    let config = |_: &Path| config_at(tmp.path(), &data);
+    populate_backup_and_change(tmp.path(), &data);
+    // The data is lost; the key directory (keyring, ledger, epoch file) or
+    // the keyring rows survive.
+    lose_data(k, &data);
     let (store, report) =
         Store::restore(tmp.path().join("backup"), config(tmp.path())).expect("restore");
     assert_eq!(report.replayed, 3, "s3 revoked, s5 withdrawn, s7 renewed");
@@ -106,17 +136,18 @@ fn a_backup_before_a_revocation_restored_after_it_does_not_resurrect() {
     // (opened with every window of the key directory, the epoch key among
     // them) holds no KEK that opens the revoked subject's record in the
     // backup, while it does open the others'.
-    let keyring = std::fs::read(tmp.path().join("keys").join("bioseal.keyring")).expect("keyring");
+    store.backup(tmp.path().join("today")).expect("backup");
+    let keyring = std::fs::read(tmp.path().join("today").join("keyring")).expect("keyring");
     let keys = windows(
         &read_all_files(&tmp.path().join("keys"))
             .into_iter()
             .map(|(_, b)| b)
             .collect::<Vec<_>>(),
     );
+    // Today's records, through the backup of the restored store (the same
+    // rows on either backend).
     drop(store);
-    let scratch = tempfile::tempdir().expect("tempdir");
-    common::copy_dir(&tmp.path().join("data"), scratch.path());
-    let restored = bioseal::forensics::subject_records(scratch.path()).expect("records");
+    let restored = backup_subject_records(tmp.path().join("today")).expect("records");
     assert_eq!(restored.len(), N as usize - 3);
     assert!(
         restored.iter().all(|r| opens(r, &keyring, &keys)),
@@ -161,7 +192,7 @@ fn a_backup_before_a_revocation_restored_after_it_does_not_resurrect() {
 #[test]
 fn restore_refuses_what_it_cannot_do_safely() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    populate_backup_and_change(tmp.path());
+    populate_backup_and_change(tmp.path(), &tmp.path().join("data"));
     // Not into a location that holds data.
     let r = Store::restore(tmp.path().join("backup"), config(tmp.path()));
     assert!(matches!(r, Err(Error::Config(_))), "{:?}", r.err());
@@ -229,21 +260,33 @@ fn restore_worker() {
     let Ok(dir) = std::env::var("BIOSEAL_RESTORE_DIR") else {
         return;
     };
-    Store::restore(Path::new(&dir).join("backup"), config(Path::new(&dir))).expect("restore");
+    let dir = Path::new(&dir);
+    let data = std::fs::read_to_string(dir.join("url")).map_or(dir.join("data"), Into::into);
+    Store::restore(dir.join("backup"), config_at(dir, &data)).expect("restore");
 }
 
-#[test]
-fn a_restore_killed_midway_is_finished_or_refused_never_resurrecting() {
-    for point in [
-        "restore:data-written",
-        "keyring:next-synced",
-        "keyring:renamed",
-        "rotation:new-slot-synced",
-        "restore:replayed-group",
-    ] {
+fn a_restore_killed_midway_is_finished_or_refused_never_resurrecting(k: Kind) {
+    let points: &[&str] = match k {
+        Kind::Sled => &[
+            "restore:data-written",
+            "keyring:next-synced",
+            "keyring:renamed",
+            "rotation:new-slot-synced",
+            "restore:replayed-group",
+        ],
+        // The keyring rows are replaced by one statement.
+        Kind::Postgres => &[
+            "restore:data-written",
+            "rotation:new-slot-synced",
+            "restore:replayed-group",
+        ],
+    };
+    for &point in points {
         let tmp = tempfile::tempdir().expect("tempdir");
-        populate_backup_and_change(tmp.path());
-        std::fs::remove_dir_all(tmp.path().join("data")).expect("lose the data");
+        let data = location(k, tmp.path());
+        let config = |_: &Path| config_at(tmp.path(), &data);
+        populate_backup_and_change(tmp.path(), &data);
+        lose_data(k, &data);
         let status = Command::new(std::env::current_exe().expect("exe"))
             .args(["--exact", "restore_worker", "--ignored", "--nocapture"])
             .env("BIOSEAL_RESTORE_DIR", tmp.path())
@@ -258,7 +301,7 @@ fn a_restore_killed_midway_is_finished_or_refused_never_resurrecting() {
             Err(Error::RolledBack { .. }) => {
                 assert_eq!(point, "restore:data-written");
                 // The operator restores again, into an empty location.
-                std::fs::remove_dir_all(tmp.path().join("data")).expect("wipe");
+                lose_data(k, &data);
                 let (store, _) = Store::restore(tmp.path().join("backup"), config(tmp.path()))
                     .expect("restore again");
                 check_restored(&store);
@@ -294,9 +337,10 @@ fn opens(
     })
 }
 
-#[test]
-fn after_the_epoch_rolls_nothing_held_today_opens_a_backed_up_revoked_subject() {
+fn after_the_epoch_rolls_nothing_held_today_opens_a_backed_up_revoked_subject(k: Kind) {
     let tmp = tempfile::tempdir().expect("tempdir");
+    let data = location(k, tmp.path());
+    let config = |_: &Path| config_at(tmp.path(), &data);
     let store = Store::open(config(tmp.path())).expect("open");
     for i in 0..N {
         store
@@ -324,13 +368,12 @@ fn after_the_epoch_rolls_nothing_held_today_opens_a_backed_up_revoked_subject() 
         blobs
     };
     let backup_keyring = std::fs::read(tmp.path().join("backup").join("keyring")).expect("keyring");
-    // Which of the backup's records is the victim's: the one today's
-    // verify no longer finds. Tried on the backup's records: the victim
-    // is the record whose pseudonym is no longer in the live data.
+    // Which of the backup's records is the victim's: the one no longer in
+    // today's data (read through a backup of it: the same rows on either
+    // backend).
+    store.backup(tmp.path().join("live1")).expect("backup");
     drop(store);
-    let live_scratch = tempfile::tempdir().expect("tempdir");
-    common::copy_dir(&tmp.path().join("data"), live_scratch.path());
-    let live: HashSet<[u8; 32]> = bioseal::forensics::subject_records(live_scratch.path())
+    let live: HashSet<[u8; 32]> = backup_subject_records(tmp.path().join("live1"))
         .expect("live records")
         .into_iter()
         .map(|r| r.pseudonym)
@@ -356,6 +399,7 @@ fn after_the_epoch_rolls_nothing_held_today_opens_a_backed_up_revoked_subject() 
 
     let store = Store::open(config(tmp.path())).expect("open");
     store.roll_epoch().expect("roll");
+    store.backup(tmp.path().join("live2")).expect("backup");
     drop(store);
     let blobs = today();
     let scanned: usize = blobs.iter().map(Vec::len).sum();
@@ -366,11 +410,8 @@ fn after_the_epoch_rolls_nothing_held_today_opens_a_backed_up_revoked_subject() 
     );
     // Positive control, after the roll: a live subject opens the same way
     // from today's data and keyring.
-    let live_keyring =
-        std::fs::read(tmp.path().join("keys").join("bioseal.keyring")).expect("keyring");
-    let live_scratch = tempfile::tempdir().expect("tempdir");
-    common::copy_dir(&tmp.path().join("data"), live_scratch.path());
-    let live_rec = bioseal::forensics::subject_records(live_scratch.path())
+    let live_keyring = std::fs::read(tmp.path().join("live2").join("keyring")).expect("keyring");
+    let live_rec = backup_subject_records(tmp.path().join("live2"))
         .expect("records")
         .into_iter()
         .find(|r| r.pseudonym == other.pseudonym)
@@ -397,3 +438,9 @@ fn after_the_epoch_rolls_nothing_held_today_opens_a_backed_up_revoked_subject() 
         after.len()
     );
 }
+
+on_both_backends!(
+    a_backup_before_a_revocation_restored_after_it_does_not_resurrect,
+    a_restore_killed_midway_is_finished_or_refused_never_resurrecting,
+    after_the_epoch_rolls_nothing_held_today_opens_a_backed_up_revoked_subject,
+);

@@ -284,7 +284,12 @@ fn postgres_files_wal_and_dumps_hold_nothing_readable() {
     let server = common::pg::Server::start();
     let url = server.fresh_database("forensic");
     let f = Fixture::new(4);
-    let cfg = || f.config_at(Path::new(&url));
+    // Epoch keys in a file in the key directory (which, in shared mode,
+    // holds nothing else).
+    let epochs = f.secrets.path().join("bioseal.epochs");
+    let provider = || bioseal::FileEpochProvider::open(&epochs).expect("epoch file");
+    let cfg_at = |url: &str| f.config_with(Path::new(url), provider());
+    let cfg = || cfg_at(&url);
     let mut rng = Rng(77);
     let victim = rng.unit(DIM);
     let others: Vec<Vec<f32>> = (0..12).map(|_| rng.unit(DIM)).collect();
@@ -365,24 +370,87 @@ fn postgres_files_wal_and_dumps_hold_nothing_readable() {
             assert!(!contains(d, &hex(needle)), "{what} (hex) in the {name}");
         }
     }
-    // The stated limit: the old dump, restored, with the root key.
-    let restored = server.fresh_database("restored");
+    // The old dump, restored into a database of its own.
     let file = server.dir.join("old-dump.sql");
     std::fs::write(&file, &old_dump).expect("write dump");
     std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o644))
         .expect("chmod");
-    server.tool(
-        "psql",
-        &format!(
-            "-q -v ON_ERROR_STOP=1 -h {} -U postgres -d restored -f {}",
-            server.sock.display(),
-            file.display()
-        ),
+    let restore_dump = |db: &str| {
+        let url = server.fresh_database(db);
+        server.tool(
+            "psql",
+            &format!(
+                "-q -v ON_ERROR_STOP=1 -h {} -U postgres -d {db} -f {}",
+                server.sock.display(),
+                file.display()
+            ),
+        );
+        url
+    };
+    // Until the epoch rolls, the old dump plus the provider's key opens the
+    // revoked subject (the bound every receipt states: epoch end).
+    let restored = restore_dump("restored");
+    {
+        let store = Store::open(cfg_at(&restored)).expect("open the restored dump");
+        assert_eq!(
+            store.verify(VICTIM, &IDV, emb(&victim)).expect("verify"),
+            Decision::Match,
+            "control: within the epoch, an old dump opens a revoked subject"
+        );
+    }
+    let old_keyring = keyring_rows(&restored);
+    // Roll the epoch on the live store: the old epoch's key is destroyed.
+    {
+        let store = Store::open(cfg()).expect("open");
+        assert_eq!(store.roll_epoch().expect("roll").epoch, 2);
+        for (i, v) in others.iter().enumerate() {
+            assert_eq!(
+                store
+                    .verify(&format!("other-{i}"), &IDV, emb(v))
+                    .expect("verify"),
+                Decision::Match
+            );
+        }
+    }
+    let again = restore_dump("restored_after_roll");
+    let r = Store::open(cfg_at(&again));
+    assert!(
+        matches!(r, Err(Error::EpochDestroyed { epoch: 1 })),
+        "after the roll the old dump does not open: {:?}",
+        r.err()
     );
-    let store = Store::open(f.config_at(Path::new(&restored))).expect("open the restored dump");
-    assert_eq!(
-        store.verify(VICTIM, &IDV, emb(&victim)).expect("verify"),
-        Decision::Match,
-        "shared mode before key epochs: an old dump plus the root key opens a revoked subject"
+    // Nothing the key directory (the epoch file) or the old dump holds,
+    // tried as the epoch root key, opens the old dump's keyring; today's
+    // keyring opens with a window of the epoch file (positive control).
+    let mut keys = HashSet::new();
+    let scanned = windows(f.secrets.path(), &mut keys);
+    for w in old_dump.windows(32) {
+        keys.insert(<[u8; 32]>::try_from(w).expect("32 bytes"));
+    }
+    assert!(
+        keys.iter()
+            .all(|k| bioseal::forensics::keyring_keks(&old_keyring, k).is_none()),
+        "a 32-byte window opens the old dump's keyring after the roll"
     );
+    let live_keyring = keyring_rows(&url);
+    assert!(
+        keys.iter()
+            .any(|k| bioseal::forensics::keyring_keks(&live_keyring, k).is_some()),
+        "control: the epoch file opens today's keyring"
+    );
+    eprintln!(
+        "shared-mode epoch scan: {} bytes, {} windows tried as epoch root keys",
+        scanned + old_dump.len(),
+        keys.len()
+    );
+}
+
+/// The keyring image a database holds (its rows, in order).
+fn keyring_rows(url: &str) -> Vec<u8> {
+    common::pg::client(url)
+        .query("SELECT v FROM bioseal.keyring ORDER BY part", &[])
+        .expect("keyring rows")
+        .iter()
+        .flat_map(|r| r.get::<_, Vec<u8>>(0))
+        .collect()
 }

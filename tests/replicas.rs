@@ -8,7 +8,8 @@
 
 mod common;
 use bioseal::{
-    Clock, Decision, Embedding, Error, Purpose, RootKey, Store, StoreConfig, Threshold, Timestamp,
+    Clock, Decision, Embedding, Error, KeyProvider, Purpose, Store, StoreConfig, Threshold,
+    Timestamp,
 };
 use common::{pg, Rng, DIM, MODEL, T0};
 use std::io::{BufRead, BufReader, Write};
@@ -41,8 +42,12 @@ impl FileClock {
 }
 
 /// `pad`: attested presentation-attack detection (limits 10 and 100).
+/// Every replica's keys: the epoch file beside the shared clock file (one
+/// provider that all of them reach, as a network HSM would be).
 fn config(url: &str, clock: &FileClock, buckets: u32, pad: bool) -> StoreConfig {
-    StoreConfig::new(url, RootKey::from_bytes([0x42; 32]))
+    let epochs = clock.0.with_file_name("bioseal.epochs");
+    let provider = bioseal::FileEpochProvider::open(epochs).expect("epoch file");
+    StoreConfig::new(url, provider)
         .presentation_attack_detection(pad)
         .model(MODEL, DIM)
         .threshold(Threshold::cosine(0.5))
@@ -162,6 +167,25 @@ fn replica_worker() {
                 format!("match={ok} wrong={wrong} errors={errors} first={first}")
             }
             Some("sweep") => answer(store.sweep(), |r| format!("expired {}", r.expired)),
+            Some("roll") => answer(store.roll_epoch(), |st| format!("epoch {}", st.epoch)),
+            Some("churn") => {
+                // Enroll and revoke: a rotation (keyring slot writes) each.
+                let mut errors = Vec::new();
+                for i in 0..num(2) {
+                    let name = format!("{}-{i}", w[1]);
+                    let r = store
+                        .enroll(
+                            &name,
+                            Embedding::new(vector(10_000 + i)),
+                            consent(clock.now(), 30),
+                        )
+                        .and_then(|()| store.revoke(&name).map(|_| ()));
+                    if let Err(e) = r {
+                        errors.push(variant(&e));
+                    }
+                }
+                format!("errors={} {}", errors.len(), errors.join(","))
+            }
             Some("quit") | None => break,
             Some(other) => format!("unknown command {other}"),
         };
@@ -457,6 +481,87 @@ fn rotations_on_one_replica_while_others_verify_the_same_bucket() {
     }
     let after = s.store.stats().expect("stats").generation_max;
     assert!(after >= before + rotations, "{before} -> {after}");
+    s.store.audit().verify_chain().expect("chain");
+}
+
+/// Epoch rolls on one replica while others verify and revoke: every verify
+/// is right, none fails; the others adopt the new epoch under their locks
+/// (their next writes go to the re-sealed keyring); one epoch is left.
+#[test]
+fn epoch_rolls_on_one_replica_while_others_verify_and_revoke() {
+    if pg::skipped("epoch_rolls_on_one_replica_while_others_verify_and_revoke") {
+        return;
+    }
+    let s = Setup::new(4);
+    let mut subjects = Vec::new();
+    for i in 0..8u64 {
+        s.store
+            .enroll(
+                &format!("e{i}"),
+                Embedding::new(vector(700 + i)),
+                consent(s.clock.now(), 30),
+            )
+            .expect("enroll");
+        subjects.push(format!("e{i}:{}", 700 + i));
+    }
+    let mut reps = s.replicas(3);
+    let cmd = format!("verify_many 20 {}", subjects.join(" "));
+    for r in reps[..2].iter_mut() {
+        r.send(&cmd);
+    }
+    // The third rotates bucket KEKs all along (enroll + revoke).
+    reps[2].send("churn c 40");
+    let mut epoch = 1;
+    for _ in 0..3 {
+        epoch = s.store.roll_epoch().expect("roll").epoch;
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    assert_eq!(epoch, 4);
+    for r in reps[..2].iter_mut() {
+        let a = r.read();
+        assert!(
+            a.starts_with("match=160 wrong=0 errors=0"),
+            "a verifying replica saw: {a}"
+        );
+    }
+    let a = reps[2].read();
+    assert!(a.starts_with("errors=0"), "the rotating replica saw: {a}");
+    // Every bucket's keys open under the final epoch (a KEK slot written
+    // under a stale epoch's key would not).
+    for i in 0..8u64 {
+        assert_eq!(
+            s.store
+                .verify(&format!("e{i}"), &IDV, Embedding::new(vector(700 + i)))
+                .expect("verify"),
+            Decision::Match
+        );
+    }
+    assert_eq!(
+        reps[2].ask(&format!("verify_many 1 {}", subjects.join(" "))),
+        "match=8 wrong=0 errors=0 first="
+    );
+    // The other replicas write under the adopted epoch: a revoke rotates a
+    // KEK slot and writes the state and the ledger.
+    assert_eq!(reps[0].ask("revoke e0"), "ok");
+    assert_eq!(reps[1].ask("enroll late 900 30"), "ok");
+    // A replica rolls; this process adopts it at its next lock.
+    assert_eq!(reps[1].ask("roll"), "epoch 5");
+    assert_eq!(
+        s.store
+            .verify("e1", &IDV, Embedding::new(vector(701)))
+            .expect("verify after another replica rolled"),
+        Decision::Match
+    );
+    assert!(matches!(
+        s.store.verify("e0", &IDV, Embedding::new(vector(700))),
+        Err(Error::NotEnrolled)
+    ));
+    s.store.revoke("e2").expect("revoke after adopting");
+    assert_eq!(s.store.epoch_status().expect("status").epoch, 5);
+    let provider = bioseal::FileEpochProvider::open(s.clock.0.with_file_name("bioseal.epochs"))
+        .expect("epochs");
+    assert_eq!(provider.live_epochs().expect("live"), vec![5]);
+    assert_eq!(reps[0].ask("verify late 900"), "Match");
     s.store.audit().verify_chain().expect("chain");
 }
 

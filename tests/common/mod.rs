@@ -117,7 +117,13 @@ impl Fixture {
     }
 
     pub fn config_at(&self, dir: &Path) -> StoreConfig {
-        StoreConfig::new(dir, RootKey::from_file(self.key_path()).expect("key"))
+        self.config_with(dir, RootKey::from_file(self.key_path()).expect("key"))
+    }
+
+    /// [`Fixture::config_at`] with another key provider.
+    #[allow(dead_code)]
+    pub fn config_with(&self, dir: &Path, key: impl bioseal::KeyProvider + 'static) -> StoreConfig {
+        StoreConfig::new(dir, key)
             .key_dir(self.secrets.path())
             .model(MODEL, DIM)
             .threshold(Threshold::cosine(0.5))
