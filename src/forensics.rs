@@ -106,6 +106,18 @@ pub fn keyring_keks(
     crate::crypto::keyring::image_keks(image, &crate::RootKey::from_bytes(*candidate))
 }
 
+/// The KEKs a keyring image holds, opened with the root key that
+/// `provider` gives today for the epoch the image names: what an HSM or
+/// KMS provider still holds, tried the same way. A destroyed epoch is
+/// [`Error::EpochDestroyed`].
+pub fn keyring_keks_from(
+    image: &[u8],
+    provider: &dyn crate::KeyProvider,
+) -> Result<Vec<zeroize::Zeroizing<[u8; 32]>>> {
+    let root = provider.epoch_key(crate::crypto::keyring::image_epoch(image)?)?;
+    crate::crypto::keyring::image_keks(image, &root).ok_or(Error::WrongRootKey)
+}
+
 /// Every subject record in the `data` file of a backup directory
 /// ([`crate::Store::backup`]), with its wrapped DEK.
 pub fn backup_subject_records(backup: impl AsRef<Path>) -> Result<Vec<RawSubjectRecord>> {

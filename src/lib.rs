@@ -105,6 +105,8 @@ pub use consent::{Consent, ConsentStatus, Purpose};
 pub use crypto::epochs::{EpochRecord, FileEpochProvider};
 pub use crypto::keyring::MAX_BUCKETS;
 pub use crypto::keys::{KeyProvider, RootKey};
+#[cfg(feature = "pkcs11")]
+pub use crypto::pkcs11::Pkcs11Provider;
 pub use embedding::{Embedding, MAX_DIMENSION};
 pub use error::{ConsentError, EmbeddingError, Error, Result};
 pub use matcher::{Decision, Threshold};

@@ -439,6 +439,92 @@ fn after_the_epoch_rolls_nothing_held_today_opens_a_backed_up_revoked_subject(k:
     );
 }
 
+/// The same with the epoch keys in SoftHSM2: before the roll the token's
+/// key opens the backup's keyring and the revoked subject; after it the
+/// token answers `EpochDestroyed`, and no window of the key directory, the
+/// backup or the token's own files opens anything; today's keyring still
+/// opens through the token (positive control).
+#[test]
+fn after_an_hsm_epoch_roll_the_backup_is_inert_token_files_included() {
+    if common::hsm::skipped("after_an_hsm_epoch_roll_the_backup_is_inert") {
+        return;
+    }
+    let _token = common::hsm::exclusive();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let prefix = tmp
+        .path()
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .into_owned();
+    let cfg = || {
+        std::fs::create_dir_all(tmp.path().join("keys")).expect("key dir");
+        StoreConfig::new(tmp.path().join("data"), common::hsm::provider(&prefix))
+            .key_dir(tmp.path().join("keys"))
+            .model("backup-test", DIM)
+            .threshold(Threshold::cosine(0.5))
+            .buckets(4)
+            .clock(ManualClock::new(Timestamp::from_unix_secs(T0)))
+    };
+    let store = Store::open(cfg()).expect("open");
+    for i in 0..N {
+        store
+            .enroll(&name(i), emb(&vector(i)), consent(now(), 365))
+            .expect("enroll");
+    }
+    store.backup(tmp.path().join("backup")).expect("backup");
+    store.revoke(&name(3)).expect("revoke");
+    store.backup(tmp.path().join("live1")).expect("backup");
+    let live: HashSet<[u8; 32]> = backup_subject_records(tmp.path().join("live1"))
+        .expect("records")
+        .into_iter()
+        .map(|r| r.pseudonym)
+        .collect();
+    let old = backup_subject_records(tmp.path().join("backup")).expect("records");
+    let victim = old
+        .iter()
+        .find(|r| !live.contains(&r.pseudonym))
+        .expect("the revoked subject's record");
+    let backup_keyring = std::fs::read(tmp.path().join("backup").join("keyring")).expect("keyring");
+    let provider = common::hsm::provider(&prefix);
+    let keks = bioseal::forensics::keyring_keks_from(&backup_keyring, &provider).expect("epoch 1");
+    assert!(
+        keks.iter().any(|k| victim.wrapped_dek.opens_with(k)),
+        "control: within the epoch the token's key opens the backup"
+    );
+    store.roll_epoch().expect("roll");
+    store.backup(tmp.path().join("live2")).expect("backup");
+    drop(store);
+    assert!(matches!(
+        bioseal::forensics::keyring_keks_from(&backup_keyring, &provider),
+        Err(Error::EpochDestroyed { epoch: 1 })
+    ));
+    let mut blobs: Vec<Vec<u8>> = Vec::new();
+    for dir in [
+        tmp.path().join("keys"),
+        tmp.path().join("backup"),
+        common::hsm::token_dir(),
+    ] {
+        blobs.extend(read_all_files(&dir).into_iter().map(|(_, b)| b));
+    }
+    let keys = windows(&blobs);
+    assert!(
+        !opens(victim, &backup_keyring, &keys),
+        "a window of the key directory, the backup or the token files opens the revoked subject"
+    );
+    let today = std::fs::read(tmp.path().join("live2").join("keyring")).expect("keyring");
+    let other = backup_subject_records(tmp.path().join("live2"))
+        .expect("records")
+        .into_iter()
+        .next()
+        .expect("a live record");
+    let keks = bioseal::forensics::keyring_keks_from(&today, &provider).expect("epoch 2");
+    assert!(
+        keks.iter().any(|k| other.wrapped_dek.opens_with(k)),
+        "control: today's keyring opens through the token"
+    );
+}
+
 on_both_backends!(
     a_backup_before_a_revocation_restored_after_it_does_not_resurrect,
     a_restore_killed_midway_is_finished_or_refused_never_resurrecting,

@@ -17,6 +17,8 @@ struct Cli {
     files: PathBuf,
     /// `key` is an epoch file (`--epochs`), not a root key.
     epochs: bool,
+    /// The keys are in a PKCS#11 token (these variables name it).
+    hsm: Option<Vec<(String, String)>>,
 }
 
 struct Out {
@@ -48,7 +50,29 @@ impl Cli {
             key,
             files,
             epochs: false,
+            hsm: None,
         }
+    }
+
+    /// A CLI on a store directory whose epoch keys are in SoftHSM2.
+    fn with_hsm(prefix: &str) -> (Cli, Vec<(String, String)>) {
+        let mut cli = Cli::new();
+        cli.epochs = false;
+        let _ = common::hsm::token_dir();
+        let env = vec![
+            (
+                "BIOSEAL_PKCS11_MODULE".to_owned(),
+                common::hsm::MODULE.to_owned(),
+            ),
+            (
+                "BIOSEAL_PKCS11_TOKEN".to_owned(),
+                common::hsm::TOKEN.to_owned(),
+            ),
+            ("BIOSEAL_PKCS11_PREFIX".to_owned(), prefix.to_owned()),
+            ("BIOSEAL_PKCS11_PIN".to_owned(), common::hsm::PIN.to_owned()),
+        ];
+        cli.hsm = Some(env.clone());
+        (cli, env)
     }
 
     /// A CLI on a store directory whose keys are an epoch file.
@@ -64,15 +88,22 @@ impl Cli {
     }
 
     fn run_with_key(&self, key: &Path, args: &[&str]) -> Out {
-        let out = Command::new(env!("CARGO_BIN_EXE_bioseal"))
-            .arg("--store")
-            .arg(&self.store)
-            .arg(if self.epochs {
-                "--epochs"
-            } else {
-                "--root-key"
-            })
-            .arg(key)
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bioseal"));
+        cmd.arg("--store").arg(&self.store);
+        match &self.hsm {
+            Some(env) => {
+                cmd.envs(env.iter().map(|(k, v)| (k, v)));
+            }
+            None => {
+                cmd.arg(if self.epochs {
+                    "--epochs"
+                } else {
+                    "--root-key"
+                })
+                .arg(key);
+            }
+        }
+        let out = cmd
             // The keyring beside the real root key, whichever key is passed.
             .arg("--keys")
             .arg(self.key.parent().expect("key dir"))
@@ -80,6 +111,11 @@ impl Cli {
             .env_remove("BIOSEAL_STORE")
             .env_remove("BIOSEAL_ROOT_KEY_FILE")
             .env_remove("BIOSEAL_EPOCHS_FILE")
+            .env_remove(if self.hsm.is_some() {
+                "BIOSEAL_UNUSED"
+            } else {
+                "BIOSEAL_PKCS11_MODULE"
+            })
             .env_remove("BIOSEAL_KEYS")
             .output()
             .expect("run bioseal");
@@ -716,4 +752,35 @@ fn epochs_backup_revoke_restore_and_roll() {
         7,
         "epoch 1 has been destroyed",
     );
+}
+
+#[test]
+fn epochs_in_an_hsm_from_the_cli() {
+    if common::hsm::skipped("epochs_in_an_hsm_from_the_cli") {
+        return;
+    }
+    let _token = common::hsm::exclusive();
+    let (cli, _) = Cli::with_hsm("cli-test");
+    cli.init();
+    let mut rng = Rng(31);
+    let v = rng.unit(DIM);
+    enroll_alice(&cli, &v);
+    let o = cli.run(&["epoch", "roll"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stdout.contains("rolled to epoch 2"), "{}", o.stdout);
+    let e = cli.json("a.json", &v);
+    assert_eq!(cli.verify("alice", "identity-verification", &e).code, 0);
+    let o = cli.run(&["revoke", "--subject", "alice"]);
+    assert!(o.stdout.contains("backups inert by"), "{}", o.stdout);
+    // Without the PIN: one line, exit 3, nothing opened.
+    let out = Command::new(env!("CARGO_BIN_EXE_bioseal"))
+        .args(["--store", cli.store.to_str().expect("utf-8"), "stats"])
+        .env("BIOSEAL_PKCS11_MODULE", common::hsm::MODULE)
+        .env("BIOSEAL_PKCS11_TOKEN", common::hsm::TOKEN)
+        .env("BIOSEAL_KEYS", cli.key.parent().expect("dir"))
+        .env_remove("BIOSEAL_PKCS11_PIN")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("BIOSEAL_PKCS11_PIN"));
 }

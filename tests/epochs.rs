@@ -20,10 +20,30 @@ fn epochs_file(dir: &Path) -> std::path::PathBuf {
     dir.join("keys").join("bioseal.epochs")
 }
 
-fn config(dir: &Path, clock: &ManualClock) -> StoreConfig {
+/// Where the epoch keys are: a file in the key directory, or SoftHSM2.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Prov {
+    File,
+    Hsm,
+}
+
+fn provider(dir: &Path, prov: Prov) -> Box<dyn KeyProvider> {
     std::fs::create_dir_all(dir.join("keys")).expect("key dir");
-    let provider = FileEpochProvider::open(epochs_file(dir)).expect("epoch file");
-    StoreConfig::new(dir.join("data"), provider)
+    match prov {
+        Prov::File => Box::new(FileEpochProvider::open(epochs_file(dir)).expect("epoch file")),
+        // One label prefix per test directory.
+        Prov::Hsm => Box::new(common::hsm::provider(
+            &dir.file_name().expect("name").to_string_lossy(),
+        )),
+    }
+}
+
+fn config(dir: &Path, clock: &ManualClock) -> StoreConfig {
+    config_p(dir, clock, Prov::File)
+}
+
+fn config_p(dir: &Path, clock: &ManualClock, prov: Prov) -> StoreConfig {
+    StoreConfig::new(dir.join("data"), provider(dir, prov))
         .key_dir(dir.join("keys"))
         .model("epoch-test", DIM)
         .threshold(Threshold::cosine(0.5))
@@ -49,11 +69,11 @@ fn enroll_some(store: &Store, n: u64, clock: &ManualClock) {
 }
 
 fn live_epochs(dir: &Path) -> Vec<u64> {
-    // The provider file is locked by no one once the store is closed.
-    FileEpochProvider::open(epochs_file(dir))
-        .expect("epoch file")
-        .live_epochs()
-        .expect("live")
+    live_epochs_p(dir, Prov::File)
+}
+
+fn live_epochs_p(dir: &Path, prov: Prov) -> Vec<u64> {
+    provider(dir, prov).live_epochs().expect("live")
 }
 
 fn key_dir_bytes(dir: &Path) -> Vec<u8> {
@@ -179,8 +199,13 @@ fn epoch_worker() {
     let Ok(dir) = std::env::var("BIOSEAL_EPOCH_DIR") else {
         return;
     };
+    let prov = if std::env::var("BIOSEAL_EPOCH_PROVIDER").is_ok_and(|p| p == "hsm") {
+        Prov::Hsm
+    } else {
+        Prov::File
+    };
     let clock = clock();
-    let store = Store::open(config(Path::new(&dir), &clock)).expect("worker open");
+    let store = Store::open(config_p(Path::new(&dir), &clock, prov)).expect("worker open");
     enroll_some(&store, 5, &clock);
     store.revoke("s0").expect("revoke");
     store.roll_epoch().expect("roll");
@@ -195,10 +220,18 @@ const POINTS: &[&str] = &[
     "epoch:destroyed",
 ];
 
-fn run_worker(dir: &Path, point: &str) {
+fn run_worker(dir: &Path, point: &str, prov: Prov) {
+    if prov == Prov::Hsm {
+        // The token exists before the worker starts; it inherits it.
+        let _ = common::hsm::token_dir();
+    }
     let status = Command::new(std::env::current_exe().expect("exe"))
         .args(["--exact", "epoch_worker", "--ignored", "--nocapture"])
         .env("BIOSEAL_EPOCH_DIR", dir)
+        .env(
+            "BIOSEAL_EPOCH_PROVIDER",
+            if prov == Prov::Hsm { "hsm" } else { "file" },
+        )
         .env("BIOSEAL_FAILPOINT", point)
         .status()
         .expect("worker");
@@ -207,11 +240,15 @@ fn run_worker(dir: &Path, point: &str) {
 
 /// After a kill: the store opens, exactly one epoch is live and it is the
 /// keyring's, every live subject verifies, the revoked one does not.
-fn check_after_kill(dir: &Path, point: &str) -> u64 {
+fn check_after_kill(dir: &Path, point: &str, prov: Prov) -> u64 {
     let clock = clock();
-    let store = Store::open(config(dir, &clock)).unwrap_or_else(|e| panic!("{point}: {e}"));
+    let store = Store::open(config_p(dir, &clock, prov)).unwrap_or_else(|e| panic!("{point}: {e}"));
     let epoch = store.epoch_status().expect("status").epoch;
-    assert_eq!(live_epochs(dir), vec![epoch], "{point}: one usable epoch");
+    assert_eq!(
+        live_epochs_p(dir, prov),
+        vec![epoch],
+        "{point}: one usable epoch"
+    );
     for i in 1..5 {
         assert_eq!(
             store
@@ -231,16 +268,15 @@ fn check_after_kill(dir: &Path, point: &str) -> u64 {
     let next = store.roll_epoch().expect("roll after recovery").epoch;
     assert!(next > epoch);
     drop(store);
-    assert_eq!(live_epochs(dir), vec![next]);
+    assert_eq!(live_epochs_p(dir, prov), vec![next]);
     epoch
 }
 
-#[test]
-fn a_kill_at_any_point_of_a_roll_leaves_exactly_one_usable_epoch() {
+fn kill_at_every_point(prov: Prov) {
     for point in POINTS {
         let tmp = tempfile::tempdir().expect("tempdir");
-        run_worker(tmp.path(), point);
-        let epoch = check_after_kill(tmp.path(), point);
+        run_worker(tmp.path(), point, prov);
+        let epoch = check_after_kill(tmp.path(), point, prov);
         // Before the re-sealed keyring reached the disk the roll is undone;
         // from then on it is finished.
         let finished = !matches!(*point, "epoch:start" | "epoch:created");
@@ -249,13 +285,78 @@ fn a_kill_at_any_point_of_a_roll_leaves_exactly_one_usable_epoch() {
 }
 
 #[test]
+fn a_kill_at_any_point_of_a_roll_leaves_exactly_one_usable_epoch() {
+    kill_at_every_point(Prov::File);
+}
+
+#[test]
+fn a_kill_at_any_point_of_a_roll_on_an_hsm_leaves_exactly_one_usable_epoch() {
+    if common::hsm::skipped("a_kill_at_any_point_of_a_roll_on_an_hsm") {
+        return;
+    }
+    let _token = common::hsm::exclusive();
+    kill_at_every_point(Prov::Hsm);
+}
+
+#[test]
+fn an_hsm_epoch_key_never_leaves_the_token_and_a_destroyed_one_is_gone() {
+    if common::hsm::skipped("an_hsm_epoch_key_never_leaves_the_token") {
+        return;
+    }
+    let _token = common::hsm::exclusive();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let clock = clock();
+    let store = Store::open(config_p(tmp.path(), &clock, Prov::Hsm)).expect("open");
+    enroll_some(&store, 4, &clock);
+    let st = store.epoch_status().expect("status");
+    assert_eq!((st.epoch, st.destruction_delay), (1, Some(Duration::ZERO)));
+    // No 32-byte window of any file — the key directory, the data, the
+    // token's own files — opens the keyring as its epoch root key: the key
+    // stays in the token (the store opened, so the token's key does).
+    let keyring_1 =
+        std::fs::read(tmp.path().join("keys").join("bioseal.keyring")).expect("keyring");
+    let mut files = common::read_all_files(&tmp.path().join("keys"));
+    files.extend(common::read_all_files(&tmp.path().join("data")));
+    files.extend(common::read_all_files(&common::hsm::token_dir()));
+    assert!(files
+        .iter()
+        .any(|(p, _)| p.to_string_lossy().contains("tokens")));
+    let mut windows = std::collections::HashSet::new();
+    for (_, d) in &files {
+        for w in d.windows(32) {
+            windows.insert(<[u8; 32]>::try_from(w).expect("32"));
+        }
+    }
+    assert!(windows.len() > 1000);
+    assert!(windows
+        .iter()
+        .all(|w| bioseal::forensics::keyring_keks(&keyring_1, w).is_none()));
+    assert_eq!(store.roll_epoch().expect("roll").epoch, 2);
+    let p = provider(tmp.path(), Prov::Hsm);
+    assert!(matches!(
+        p.epoch_key(1),
+        Err(Error::EpochDestroyed { epoch: 1 })
+    ));
+    assert_eq!(p.live_epochs().expect("live"), vec![2]);
+    assert!(matches!(p.epoch_key(9), Err(Error::KeyUnavailable { .. })));
+    for i in 0..4 {
+        assert_eq!(
+            store
+                .verify(&format!("s{i}"), &IDV, emb(&vector(i)))
+                .expect("verify"),
+            Decision::Match
+        );
+    }
+}
+
+#[test]
 fn a_torn_new_keyring_is_discarded_and_the_new_epoch_destroyed() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    run_worker(tmp.path(), "keyring:next-synced");
+    run_worker(tmp.path(), "keyring:next-synced", Prov::File);
     let next = tmp.path().join("keys").join("bioseal.next");
     let bytes = std::fs::read(&next).expect("next image");
     // A power cut that kept only part of it.
     std::fs::write(&next, &bytes[..bytes.len() / 2]).expect("tear");
     assert_eq!(live_epochs(tmp.path()), vec![1, 2]);
-    assert_eq!(check_after_kill(tmp.path(), "torn next"), 1);
+    assert_eq!(check_after_kill(tmp.path(), "torn next", Prov::File), 1);
 }

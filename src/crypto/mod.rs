@@ -8,6 +8,8 @@ pub(crate) mod epochs;
 pub(crate) mod keyring;
 pub(crate) mod keys;
 pub(crate) mod medium;
+#[cfg(feature = "pkcs11")]
+pub(crate) mod pkcs11;
 pub(crate) mod pseudonym;
 
 use crate::error::{Error, Result};

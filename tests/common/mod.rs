@@ -7,6 +7,7 @@ use bioseal::{
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub mod hsm;
 pub mod pg;
 
 /// Which backend a test body runs on.

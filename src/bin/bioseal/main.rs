@@ -62,6 +62,22 @@ pub(crate) struct Cli {
     /// revoked subjects become inert.
     #[arg(long, env = "BIOSEAL_EPOCHS_FILE", global = true)]
     epochs: Option<PathBuf>,
+    /// Epoch keys in a PKCS#11 token (an HSM): the module's path. Needs
+    /// --pkcs11-token, the user PIN in $BIOSEAL_PKCS11_PIN, and --keys.
+    #[arg(long, env = "BIOSEAL_PKCS11_MODULE", global = true, conflicts_with_all = ["epochs", "root_key"])]
+    pkcs11: Option<PathBuf>,
+    /// The PKCS#11 token's label.
+    #[arg(long, env = "BIOSEAL_PKCS11_TOKEN", global = true)]
+    pkcs11_token: Option<String>,
+    /// The label prefix of this store's epoch keys in the token (one per
+    /// store).
+    #[arg(
+        long,
+        env = "BIOSEAL_PKCS11_PREFIX",
+        global = true,
+        default_value = "bioseal"
+    )]
+    pkcs11_prefix: String,
     /// Key directory: where the keyring lives, outside the store directory
     /// (default: the directory that holds the root key or epoch file).
     #[arg(long, env = "BIOSEAL_KEYS", global = true)]

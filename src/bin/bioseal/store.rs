@@ -69,6 +69,22 @@ pub(crate) fn key_path(cli: &Cli) -> R<&Path> {
 
 /// The key provider the flags name.
 pub(crate) fn provider(cli: &Cli) -> R<Box<dyn bioseal::KeyProvider>> {
+    if let Some(module) = &cli.pkcs11 {
+        let token = cli
+            .pkcs11_token
+            .as_deref()
+            .ok_or_else(|| input("--pkcs11 needs --pkcs11-token LABEL"))?;
+        let pin =
+            zeroize::Zeroizing::new(std::env::var("BIOSEAL_PKCS11_PIN").map_err(|_| {
+                input("--pkcs11 needs the token's user PIN in $BIOSEAL_PKCS11_PIN")
+            })?);
+        return Ok(Box::new(bioseal::Pkcs11Provider::open(
+            module,
+            token,
+            &pin,
+            &cli.pkcs11_prefix,
+        )?));
+    }
     Ok(match &cli.epochs {
         Some(path) => {
             if !path.exists() {
@@ -96,6 +112,13 @@ pub(crate) fn config(cli: &Cli, settings: &Settings) -> R<StoreConfig> {
 /// The key directory: `--keys`, or the directory of the root key file.
 /// Neither the key directory nor the root key file may be inside the store.
 pub(crate) fn key_dir(cli: &Cli) -> R<PathBuf> {
+    if cli.pkcs11.is_some() {
+        let dir = cli
+            .keys
+            .clone()
+            .ok_or_else(|| input("--pkcs11 needs --keys DIR (where the keyring lives)"))?;
+        return Ok(dir);
+    }
     let key = key_path(cli)?;
     let dir = match &cli.keys {
         Some(d) => d.clone(),

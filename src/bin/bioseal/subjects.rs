@@ -6,30 +6,42 @@ use super::*;
 /// `bioseal init`.
 pub(crate) fn init(cli: &Cli, model: &str, dim: &usize, threshold: &f32, buckets: &u32) -> R<u8> {
     let dir = store_dir(cli)?;
-    let key_file = key_path(cli)?;
-    if key_file.exists() {
-        return Err(input(format!(
-            "{} exists: refusing to overwrite a key file",
-            key_file.display()
-        )));
-    }
-    if !is_shared(cli) && std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some()) {
-        return Err(input(format!(
-            "{} is not empty: refusing to create a store there",
-            dir.display()
-        )));
-    }
-    let keys = key_dir(cli)?;
-    let key: Box<dyn bioseal::KeyProvider> = if cli.epochs.is_some() {
-        Box::new(bioseal::FileEpochProvider::open(key_file)?)
+    let not_empty = || {
+        if !is_shared(cli) && std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some()) {
+            return Err(input(format!(
+                "{} is not empty: refusing to create a store there",
+                dir.display()
+            )));
+        }
+        Ok(())
+    };
+    let (key, what): (Box<dyn bioseal::KeyProvider>, String) = if cli.pkcs11.is_some() {
+        not_empty()?;
+        let p = provider(cli)?;
+        let what = p.describe();
+        (p, what)
     } else {
-        let key = RootKey::generate()?;
-        key.write_new_file(key_file)?;
-        Box::new(key)
+        let key_file = key_path(cli)?;
+        if key_file.exists() {
+            return Err(input(format!(
+                "{} exists: refusing to overwrite a key file",
+                key_file.display()
+            )));
+        }
+        not_empty()?;
+        key_dir(cli)?;
+        if cli.epochs.is_some() {
+            let p = bioseal::FileEpochProvider::open(key_file)?;
+            (Box::new(p), format!("epoch keys {}", key_file.display()))
+        } else {
+            let key = RootKey::generate()?;
+            key.write_new_file(key_file)?;
+            (Box::new(key), format!("root key {}", key_file.display()))
+        }
     };
     let store = Store::open(
         StoreConfig::new(dir, key)
-            .key_dir(keys)
+            .key_dir(key_dir(cli)?)
             .model(model, *dim)
             .threshold(Threshold::cosine(*threshold))
             .buckets(*buckets),
@@ -47,14 +59,8 @@ pub(crate) fn init(cli: &Cli, model: &str, dim: &usize, threshold: &f32, buckets
         },
     )?;
     println!(
-        "created store {} (model {model}, {dim} dimensions, {buckets} buckets); {} {}",
+        "created store {} (model {model}, {dim} dimensions, {buckets} buckets); {what}",
         store_name(cli)?,
-        if cli.epochs.is_some() {
-            "epoch keys"
-        } else {
-            "root key"
-        },
-        key_file.display()
     );
     Ok(0)
 }
