@@ -18,32 +18,40 @@
 //! - [`Store::revoke`] crypto-shreds: it rotates the subject's bucket key and
 //!   overwrites the old one in place, so no copy of the data files can bring
 //!   the template back.
+//! - Key epochs make erasure reach backups: the keyring is sealed under the
+//!   current epoch's root key, which a [`KeyProvider`] (a file,
+//!   [`FileEpochProvider`]; an HSM, `Pkcs11Provider`) destroys when
+//!   [`Store::roll_epoch`] moves to the next; every backup, key-directory
+//!   copy or database dump of the old epoch is then inert.
+//!   [`Store::backup`] and [`Store::restore`] (which replays the revocation
+//!   ledger) never bring a revoked subject back.
 //!
 //! - Embedded by default (sled in a directory, owned by one process); with
 //!   a `postgresql://` location (feature `postgres`), any number of service
 //!   replicas share one store on PostgreSQL, attempt limits and revocations
 //!   exact across them (see [`StoreConfig::new`]).
 //!
-//! SECURITY.md in the repository is the threat model (§16: shared mode).
+//! SECURITY.md in the repository is the threat model (§15: key epochs and
+//! backups; §16: shared mode).
 //!
 //! ## Example
 //!
 //! ```
-//! use bioseal::{Consent, Decision, Embedding, Error, Purpose, RootKey, Store, StoreConfig,
-//!               Threshold, Timestamp};
+//! use bioseal::{Consent, Decision, Embedding, Error, FileEpochProvider, Purpose, Store,
+//!               StoreConfig, Threshold, Timestamp};
 //!
 //! # fn main() -> Result<(), Error> {
 //! let data = tempfile::tempdir()?;           // the data directory
-//! let secrets = tempfile::tempdir()?;        // elsewhere: root key and keyring
-//! let key_path = secrets.path().join("root.key");
-//! RootKey::generate()?.write_new_file(&key_path)?;   // mode 0600
-//!
-//! let store = Store::open(
-//!     StoreConfig::new(data.path(), RootKey::from_file(&key_path)?)
-//!         .key_dir(secrets.path())                // the keyring lives beside the root key
+//! let secrets = tempfile::tempdir()?;        // elsewhere: epoch keys and keyring
+//! let config = || -> Result<StoreConfig, Error> {
+//!     // Epoch root keys in a 0600 file (or an HSM: Pkcs11Provider).
+//!     let keys = FileEpochProvider::open(secrets.path().join("bioseal.epochs"))?;
+//!     Ok(StoreConfig::new(data.path().join("store"), keys)
+//!         .key_dir(secrets.path())                // the keyring lives beside them
 //!         .model("example-model", 4)
-//!         .threshold(Threshold::cosine(0.8)),
-//! )?;
+//!         .threshold(Threshold::cosine(0.8)))
+//! };
+//! let store = Store::open(config()?)?;
 //!
 //! let now = std::time::SystemTime::now()
 //!     .duration_since(std::time::UNIX_EPOCH)
@@ -67,11 +75,36 @@
 //!     Err(Error::PurposeNotConsented)
 //! ));
 //!
-//! store.revoke("user-42")?;   // records removed, bucket key rotated and overwritten
+//! let backup = data.path().join("backup-1");
+//! store.backup(&backup)?;     // consistent, online, sealed under the current key epoch
+//!
+//! let receipt = store.revoke("user-42")?;   // records removed, bucket key rotated and overwritten
+//! assert!(receipt.backups_inert_by.is_some()); // the backup is inert by then (epoch end)
 //! let probe = Embedding::new(vec![0.9, 0.1, 0.3, 0.2]);
 //! assert!(matches!(
 //!     store.verify("user-42", &Purpose::IDENTITY_VERIFICATION, probe),
 //!     Err(Error::NotEnrolled)
+//! ));
+//!
+//! // The data is lost; the key directory survives. Restoring the backup
+//! // replays the revocation ledger: the revoked subject stays revoked.
+//! drop(store);
+//! std::fs::remove_dir_all(data.path().join("store"))?;
+//! let (store, report) = Store::restore(&backup, config()?)?;
+//! assert_eq!(report.replayed, 1);
+//! let probe = Embedding::new(vec![0.9, 0.1, 0.3, 0.2]);
+//! assert!(matches!(
+//!     store.verify("user-42", &Purpose::IDENTITY_VERIFICATION, probe),
+//!     Err(Error::NotEnrolled)
+//! ));
+//!
+//! // Rolling the epoch destroys the key that sealed the backup.
+//! store.roll_epoch()?;
+//! drop(store);
+//! std::fs::remove_dir_all(data.path().join("store"))?;
+//! assert!(matches!(
+//!     Store::restore(&backup, config()?),
+//!     Err(Error::EpochDestroyed { epoch: 1 })
 //! ));
 //! # Ok(())
 //! # }

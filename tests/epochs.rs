@@ -191,6 +191,43 @@ fn sweep_rolls_a_due_epoch() {
     );
 }
 
+/// A copy of the key directory and the data put back together (the one
+/// rollback the high-water mark cannot see) is refused once the epoch it
+/// was sealed under has rolled: the copy's keyring names a destroyed
+/// epoch. The epoch file itself is the provider's, not part of the copy.
+#[test]
+fn key_directory_and_data_rolled_back_across_an_epoch_do_not_open() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let clock = clock();
+    let store = Store::open(config(tmp.path(), &clock)).expect("open");
+    enroll_some(&store, 4, &clock);
+    drop(store);
+    let copy = tempfile::tempdir().expect("tempdir");
+    common::copy_dir(&tmp.path().join("data"), &copy.path().join("data"));
+    std::fs::copy(
+        tmp.path().join("keys").join("bioseal.keyring"),
+        copy.path().join("bioseal.keyring"),
+    )
+    .expect("copy keyring");
+    let store = Store::open(config(tmp.path(), &clock)).expect("open");
+    store.revoke("s0").expect("revoke");
+    store.roll_epoch().expect("roll");
+    drop(store);
+    std::fs::remove_dir_all(tmp.path().join("data")).expect("rm");
+    common::copy_dir(&copy.path().join("data"), &tmp.path().join("data"));
+    std::fs::copy(
+        copy.path().join("bioseal.keyring"),
+        tmp.path().join("keys").join("bioseal.keyring"),
+    )
+    .expect("put back");
+    let r = Store::open(config(tmp.path(), &clock));
+    assert!(
+        matches!(r, Err(Error::EpochDestroyed { epoch: 1 })),
+        "{:?}",
+        r.err()
+    );
+}
+
 /// The worker: open the store, enroll, roll the epoch (aborting at the
 /// named point given in `BIOSEAL_FAILPOINT`).
 #[test]
