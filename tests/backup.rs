@@ -252,6 +252,42 @@ fn restore_refuses_what_it_cannot_do_safely() {
     );
 }
 
+/// A backup is online: verifies on other threads wait while it copies,
+/// none fails, and every one answers right.
+#[test]
+fn a_backup_runs_while_other_threads_verify() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(config(tmp.path())).expect("open");
+    for i in 0..N {
+        store
+            .enroll(&name(i), emb(&vector(i)), consent(now(), 365))
+            .expect("enroll");
+    }
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (done, backups) = std::thread::scope(|sc| {
+        let verifier = sc.spawn(|| {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let i = n % N;
+                let d = store.verify(&name(i), &IDV, emb(&vector(i))).expect("verify");
+                assert_eq!(d, Decision::Match);
+                n += 1;
+            }
+            n
+        });
+        let mut backups = 0;
+        for b in 0..5 {
+            let info = store.backup(tmp.path().join(format!("b{b}"))).expect("backup");
+            assert!(info.rows > N);
+            backups += 1;
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (verifier.join().expect("verifier"), backups)
+    });
+    assert_eq!(backups, 5);
+    assert!(done > 0, "the verifier ran");
+}
+
 /// The worker: restore `dir/backup` into `dir/data`, aborting at the named
 /// point in `BIOSEAL_FAILPOINT`.
 #[test]

@@ -43,7 +43,9 @@ fn config(dir: &Path, clock: &ManualClock) -> StoreConfig {
 }
 
 fn config_p(dir: &Path, clock: &ManualClock, prov: Prov) -> StoreConfig {
-    StoreConfig::new(dir.join("data"), provider(dir, prov))
+    // Shared mode when the test wrote a database URL into the directory.
+    let data = std::fs::read_to_string(dir.join("url")).map_or(dir.join("data"), Into::into);
+    StoreConfig::new(data, provider(dir, prov))
         .key_dir(dir.join("keys"))
         .model("epoch-test", DIM)
         .threshold(Threshold::cosine(0.5))
@@ -228,6 +230,24 @@ fn key_directory_and_data_rolled_back_across_an_epoch_do_not_open() {
     );
 }
 
+/// One process owns an embedded store: a second open is refused on the
+/// key directory's lock, before it reads the keyring (so no open settles
+/// epochs under a roll in progress).
+#[test]
+fn a_second_open_of_an_embedded_store_is_refused_on_the_key_directory_lock() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let clock = clock();
+    let store = Store::open(config(tmp.path(), &clock)).expect("open");
+    let r = Store::open(config(tmp.path(), &clock));
+    assert!(
+        matches!(&r, Err(Error::Storage(m)) if m.contains("locked")),
+        "{:?}",
+        r.err()
+    );
+    drop(store);
+    Store::open(config(tmp.path(), &clock)).expect("open again once closed");
+}
+
 /// The worker: open the store, enroll, roll the epoch (aborting at the
 /// named point given in `BIOSEAL_FAILPOINT`).
 #[test]
@@ -300,6 +320,7 @@ fn check_after_kill(dir: &Path, point: &str, prov: Prov) -> u64 {
         Err(Error::NotEnrolled)
     ));
     assert!(!dir.join("keys").join("bioseal.next").exists());
+    store.revoke("s1").expect("revoke after recovery");
     store.audit().verify_chain().expect("chain");
     // And the epoch rolls on from there.
     let next = store.roll_epoch().expect("roll after recovery").epoch;
@@ -324,6 +345,24 @@ fn kill_at_every_point(prov: Prov) {
 #[test]
 fn a_kill_at_any_point_of_a_roll_leaves_exactly_one_usable_epoch() {
     kill_at_every_point(Prov::File);
+}
+
+/// Shared mode: the keyring rows are replaced in one statement, committed
+/// before the old key is destroyed; a kill at each point leaves one
+/// usable epoch (the next open settles the other).
+#[test]
+fn a_kill_at_any_point_of_a_shared_roll_leaves_exactly_one_usable_epoch() {
+    if common::pg::skipped("a_kill_at_any_point_of_a_shared_roll") {
+        return;
+    }
+    for point in ["epoch:start", "epoch:created", "epoch:resealed", "epoch:destroyed"] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        std::fs::write(tmp.path().join("url"), common::pg::fresh_database()).expect("url");
+        run_worker(tmp.path(), point, Prov::File);
+        let epoch = check_after_kill(tmp.path(), point, Prov::File);
+        let finished = !matches!(point, "epoch:start" | "epoch:created");
+        assert_eq!(epoch, if finished { 2 } else { 1 }, "{point}");
+    }
 }
 
 #[test]
