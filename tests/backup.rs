@@ -269,7 +269,9 @@ fn a_backup_runs_while_other_threads_verify() {
             let mut n = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let i = n % N;
-                let d = store.verify(&name(i), &IDV, emb(&vector(i))).expect("verify");
+                let d = store
+                    .verify(&name(i), &IDV, emb(&vector(i)))
+                    .expect("verify");
                 assert_eq!(d, Decision::Match);
                 n += 1;
             }
@@ -277,7 +279,9 @@ fn a_backup_runs_while_other_threads_verify() {
         });
         let mut backups = 0;
         for b in 0..5 {
-            let info = store.backup(tmp.path().join(format!("b{b}"))).expect("backup");
+            let info = store
+                .backup(tmp.path().join(format!("b{b}")))
+                .expect("backup");
             assert!(info.rows > N);
             backups += 1;
         }

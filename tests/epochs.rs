@@ -355,7 +355,12 @@ fn a_kill_at_any_point_of_a_shared_roll_leaves_exactly_one_usable_epoch() {
     if common::pg::skipped("a_kill_at_any_point_of_a_shared_roll") {
         return;
     }
-    for point in ["epoch:start", "epoch:created", "epoch:resealed", "epoch:destroyed"] {
+    for point in [
+        "epoch:start",
+        "epoch:created",
+        "epoch:resealed",
+        "epoch:destroyed",
+    ] {
         let tmp = tempfile::tempdir().expect("tempdir");
         std::fs::write(tmp.path().join("url"), common::pg::fresh_database()).expect("url");
         run_worker(tmp.path(), point, Prov::File);

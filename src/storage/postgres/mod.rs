@@ -582,26 +582,20 @@ impl PgBackend {
 
     /// Write keyring units in one statement (insert or overwrite).
     pub(crate) fn keyring_write(&self, units: &[(i32, Vec<u8>)]) -> Result<()> {
-        HELD.with(|h| {
-            if let Some(x) = h.borrow_mut().iter_mut().find(|x| x.backend == self.id) {
-                x.strict = true;
-            }
-        });
-        let parts: Vec<i32> = units.iter().map(|u| u.0).collect();
-        let vals: Vec<&[u8]> = units.iter().map(|u| u.1.as_slice()).collect();
-        self.with_conn(|c| {
-            c.query_typed(
-                "INSERT INTO bioseal.keyring (part, v) SELECT * FROM unnest($1::int4[], $2::bytea[]) \
-                 ON CONFLICT (part) DO UPDATE SET v = EXCLUDED.v",
-                &[(&parts, Type::INT4_ARRAY), (&vals, Type::BYTEA_ARRAY)],
-            )
-        })
-        .map(|_| ())
+        self.keyring_upsert(units, None)
     }
 
     /// Replace the whole keyring image in one statement: units written,
     /// rows past its end deleted (disjoint rows; atomic).
     pub(crate) fn keyring_replace(&self, units: &[(i32, Vec<u8>)]) -> Result<()> {
+        let end = i32::try_from(units.len()).map_err(|_| Error::tampered("keyring length"))?;
+        self.keyring_upsert(units, Some(end))
+    }
+
+    /// Insert or overwrite `units` (and with `delete_from`, delete the rows
+    /// from that part on) in one statement. A keyring write makes the
+    /// held transaction's commit synchronous.
+    fn keyring_upsert(&self, units: &[(i32, Vec<u8>)], delete_from: Option<i32>) -> Result<()> {
         HELD.with(|h| {
             if let Some(x) = h.borrow_mut().iter_mut().find(|x| x.backend == self.id) {
                 x.strict = true;
@@ -609,18 +603,22 @@ impl PgBackend {
         });
         let parts: Vec<i32> = units.iter().map(|u| u.0).collect();
         let vals: Vec<&[u8]> = units.iter().map(|u| u.1.as_slice()).collect();
-        let end = i32::try_from(units.len()).map_err(|_| Error::tampered("keyring length"))?;
-        self.with_conn(|c| {
-            c.query_typed(
-                "WITH gone AS (DELETE FROM bioseal.keyring WHERE part >= $3) \
-                 INSERT INTO bioseal.keyring (part, v) SELECT * FROM unnest($1::int4[], $2::bytea[]) \
-                 ON CONFLICT (part) DO UPDATE SET v = EXCLUDED.v",
+        let upsert =
+            "INSERT INTO bioseal.keyring (part, v) SELECT * FROM unnest($1::int4[], $2::bytea[]) \
+                      ON CONFLICT (part) DO UPDATE SET v = EXCLUDED.v";
+        self.with_conn(|c| match &delete_from {
+            None => c.query_typed(
+                upsert,
+                &[(&parts, Type::INT4_ARRAY), (&vals, Type::BYTEA_ARRAY)],
+            ),
+            Some(end) => c.query_typed(
+                &format!("WITH gone AS (DELETE FROM bioseal.keyring WHERE part >= $3) {upsert}"),
                 &[
                     (&parts, Type::INT4_ARRAY),
                     (&vals, Type::BYTEA_ARRAY),
-                    (&end, Type::INT4),
+                    (end, Type::INT4),
                 ],
-            )
+            ),
         })
         .map(|_| ())
     }
