@@ -7,7 +7,10 @@
 //! dropped, the filesystem is remounted, and the parent checks that every
 //! acknowledged operation holds: enrolled subjects match (no bucket lost its
 //! subjects), counted failures are still counted, revoked and swept
-//! subjects stay gone, and the audit chain verifies.
+//! subjects stay gone, and the audit chain verifies. Key epochs roll in
+//! the schedule too (the epoch file is on the same filesystem): after every
+//! cut exactly one epoch is live, the keyring's, and no acknowledged roll
+//! is undone.
 //!
 //! Needs `/dev/fuse` and `fusermount3` (Debian package fuse3; `.ci/run`
 //! installs it). Without them the test says so loudly and passes.
@@ -15,7 +18,10 @@
 mod common;
 mod powerfs;
 
-use bioseal::{Decision, Error, ManualClock, RootKey, Store, StoreConfig, Threshold, Timestamp};
+use bioseal::{
+    Decision, Error, FileEpochProvider, KeyProvider, ManualClock, Store, StoreConfig, Threshold,
+    Timestamp,
+};
 use common::{consent, emb, Rng, DAY, IDV, T0};
 use std::io::Write;
 use std::path::Path;
@@ -25,10 +31,16 @@ use std::time::{Duration, Instant};
 const DIM: usize = 32;
 const BUCKETS: u32 = 4;
 
-/// Data in `dir/data`, keyring in `dir/keys`: both on the power-cut
-/// filesystem.
+/// The epoch keys: `dir/keys/bioseal.epochs`, on the power-cut filesystem.
+fn epochs(dir: &Path) -> FileEpochProvider {
+    std::fs::create_dir_all(dir.join("keys")).expect("key dir");
+    FileEpochProvider::open(dir.join("keys").join("bioseal.epochs")).expect("epoch file")
+}
+
+/// Data in `dir/data`, keyring and epoch keys in `dir/keys`: all on the
+/// power-cut filesystem.
 fn config(dir: &Path, clock: &ManualClock) -> StoreConfig {
-    StoreConfig::new(dir.join("data"), RootKey::from_bytes([0x43; 32]))
+    StoreConfig::new(dir.join("data"), epochs(dir))
         .key_dir(dir.join("keys"))
         .model("powercut-test", DIM)
         .threshold(Threshold::cosine(0.5))
@@ -53,6 +65,8 @@ enum Op {
     Revoke(u64),
     /// Advance the clock one day, then sweep.
     Sweep,
+    /// Roll the key epoch.
+    Roll,
 }
 
 fn schedule(n: usize) -> Vec<Op> {
@@ -70,6 +84,9 @@ fn schedule(n: usize) -> Vec<Op> {
         }
         if i % 6 == 5 {
             ops.push(Op::Sweep);
+        }
+        if i % 8 == 7 {
+            ops.push(Op::Roll);
         }
     }
     ops
@@ -117,6 +134,7 @@ fn powercut_worker() {
                 .verify(&format!("s{i}"), &IDV, emb(&impostor(i)))
                 .map(|_| ()),
             Op::Revoke(i) => store.revoke(&format!("s{i}")).map(|_| ()),
+            Op::Roll => store.roll_epoch().map(|_| ()),
             Op::Sweep => {
                 // The advance is journaled first: the checker's clock is
                 // never behind what the store saw.
@@ -158,6 +176,8 @@ struct Expect {
     gone: std::collections::BTreeSet<u64>,
     either: Option<u64>,
     fail_in_flight: Option<u64>,
+    /// Epoch rolls acknowledged.
+    rolls: u64,
 }
 
 fn expect(done: usize, advances: usize) -> Expect {
@@ -170,6 +190,7 @@ fn expect(done: usize, advances: usize) -> Expect {
         gone: Default::default(),
         either: None,
         fail_in_flight: None,
+        rolls: 0,
     };
     // Move every live subject past its consent at `now` to the gone ones.
     let retire = |e: &mut Expect, enrolled_at: &std::collections::BTreeMap<u64, u64>, now: u64| {
@@ -204,6 +225,7 @@ fn expect(done: usize, advances: usize) -> Expect {
                 now += 86_400;
                 retire(&mut e, &enrolled_at, now);
             }
+            Op::Roll => e.rolls += 1,
         }
     }
     // The clock as far as the worker may have moved it.
@@ -294,6 +316,18 @@ fn round(cut: Cut) -> usize {
     let clock = ManualClock::new(Timestamp::from_unix_secs(e.now));
     let store = Store::open(config(&dir, &clock))
         .unwrap_or_else(|err| panic!("{cut:?}: the store must open after a power cut: {err}"));
+    // One usable epoch, the keyring's, and no acknowledged roll undone.
+    let epoch = store.epoch_status().expect("epoch").epoch;
+    assert_eq!(
+        epochs(&dir).live_epochs().expect("live"),
+        vec![epoch],
+        "{cut:?}: one live epoch after a power cut"
+    );
+    assert!(
+        epoch > e.rolls,
+        "{cut:?}: epoch {epoch} after {} acknowledged rolls",
+        e.rolls
+    );
     let ctx = |i: u64| format!("{cut:?}, s{i}, {done} operations acknowledged");
     for (&i, &failures) in &e.live {
         if Some(i) == e.either {
@@ -364,6 +398,10 @@ fn power_cuts_lose_nothing_acknowledged() {
         ("rotation:batch-flushed", 3),
         ("rekey:applied", 1),
         ("rekey:flushed", 4),
+        ("epoch:created", 1),
+        ("keyring:next-synced", 1),
+        ("keyring:renamed", 2),
+        ("epoch:resealed", 1),
     ] {
         acked.push(round(Cut::At(point, skip)));
     }
