@@ -88,6 +88,11 @@ impl Cli {
     }
 
     fn run_with_key(&self, key: &Path, args: &[&str]) -> Out {
+        self.run_with_key_kind(key, self.epochs, args)
+    }
+
+    /// With `key` as an epoch file (`epochs`) or a root key file.
+    fn run_with_key_kind(&self, key: &Path, epochs: bool, args: &[&str]) -> Out {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_bioseal"));
         cmd.arg("--store").arg(&self.store);
         match &self.hsm {
@@ -783,4 +788,31 @@ fn epochs_in_an_hsm_from_the_cli() {
         .expect("run");
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("BIOSEAL_PKCS11_PIN"));
+}
+
+#[test]
+fn a_root_key_store_moves_to_epoch_keys_from_the_cli() {
+    let mut cli = Cli::new();
+    cli.init();
+    let v = Rng(41).unit(DIM);
+    enroll_alice(&cli, &v);
+    let root = cli.key.clone();
+    cli.epochs = true;
+    cli.key = root.with_file_name("bioseal.epochs");
+    let o = cli.run(&[
+        "epoch",
+        "import",
+        "--root-key-file",
+        root.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stdout.contains("as epoch 0"), "{}", o.stdout);
+    let o = cli.run(&["epoch", "roll"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stdout.contains("rolled to epoch 1"), "{}", o.stdout);
+    let e = cli.json("a.json", &v);
+    assert_eq!(cli.verify("alice", "identity-verification", &e).code, 0);
+    // The old root key no longer opens the store.
+    let o = cli.run_with_key_kind(&root, false, &["stats"]);
+    assert_eq!(o.code, 7, "{}", o.stderr);
 }

@@ -193,6 +193,51 @@ fn sweep_rolls_a_due_epoch() {
     );
 }
 
+/// A store created with a fixed root key moves to epoch keys: the key is
+/// imported as epoch 0, the store opens with the epoch file, and a roll
+/// destroys it there (the old key no longer opens the store).
+#[test]
+fn a_fixed_root_key_store_moves_to_epoch_keys() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let clock = clock();
+    let fixed = || {
+        StoreConfig::new(tmp.path().join("data"), RootKey::from_bytes([8; 32]))
+            .key_dir(tmp.path().join("keys"))
+            .model("epoch-test", DIM)
+            .clock(clock.clone())
+    };
+    let store = Store::open(fixed().threshold(Threshold::cosine(0.5)).buckets(4)).expect("open");
+    enroll_some(&store, 3, &clock);
+    drop(store);
+    // Not yet imported: a typed error that says what to do.
+    let r = Store::open(config(tmp.path(), &clock));
+    assert!(
+        matches!(r, Err(Error::KeyUnavailable { .. })),
+        "{:?}",
+        r.err()
+    );
+    let p = FileEpochProvider::open(epochs_file(tmp.path())).expect("epoch file");
+    p.import_fixed_key(&RootKey::from_bytes([8; 32]))
+        .expect("import");
+    assert!(
+        p.import_fixed_key(&RootKey::from_bytes([8; 32])).is_err(),
+        "only once"
+    );
+    let store = Store::open(config(tmp.path(), &clock)).expect("open with the epoch file");
+    assert_eq!(store.epoch_status().expect("status").epoch, 0);
+    assert_eq!(store.roll_epoch().expect("roll").epoch, 1);
+    assert_eq!(
+        store.verify("s2", &IDV, emb(&vector(2))).expect("verify"),
+        Decision::Match
+    );
+    drop(store);
+    assert_eq!(live_epochs(tmp.path()), vec![1]);
+    assert!(
+        Store::open(fixed()).is_err(),
+        "the old root key no longer opens it"
+    );
+}
+
 /// A copy of the key directory and the data put back together (the one
 /// rollback the high-water mark cannot see) is refused once the epoch it
 /// was sealed under has rolled: the copy's keyring names a destroyed

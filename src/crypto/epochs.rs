@@ -5,7 +5,7 @@
 //! then one 64-byte record per epoch ever created, in creation order:
 //!
 //! ```text
-//! 0..8    epoch (big-endian, > 0)
+//! 0..8    epoch (big-endian; 0 only for an imported fixed root key)
 //! 8..16   created at (Unix seconds)
 //! 16..48  root key (zeros once destroyed)
 //! 48..56  destroyed at (Unix seconds; 0 = live)
@@ -104,9 +104,6 @@ fn parse(rec: &[u8]) -> Option<(EpochRecord, Zeroizing<[u8; 32]>)> {
         return None;
     }
     let epoch = be64(&rec[0..8]);
-    if epoch == 0 {
-        return None;
-    }
     let destroyed = be64(&rec[48..56]);
     let mut key = Zeroizing::new([0u8; 32]);
     key.copy_from_slice(&rec[16..48]);
@@ -176,6 +173,30 @@ impl FileEpochProvider {
         })
     }
 
+    /// Take over a store that was opened with a fixed [`RootKey`] (epoch
+    /// 0): record `key` as epoch 0 in this empty epoch file, so that the
+    /// store opens with this provider and its next
+    /// [`crate::Store::roll_epoch`] destroys it here. The file the key came
+    /// from is the operator's to destroy (bioseal does not know every copy
+    /// of it); until then that copy opens epoch 0's backups.
+    pub fn import_fixed_key(&self, key: &RootKey) -> Result<()> {
+        let f = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        if !Self::read(&f)?.is_empty() || f.metadata()?.len() as usize > HEADER {
+            return Err(Error::KeyProvider(format!(
+                "{}: a fixed root key can only be imported into an empty epoch file",
+                self.describe()
+            )));
+        }
+        let rec = EpochRecord {
+            epoch: 0,
+            created: now_secs(),
+            destroyed: None,
+        };
+        f.write_all_at(&encode(&rec, key.expose())[..], HEADER as u64)?;
+        f.sync_all()?;
+        Ok(())
+    }
+
     /// Every epoch the file records (live and destroyed), in creation order.
     pub fn records(&self) -> Result<Vec<EpochRecord>> {
         let f = self.file.lock().unwrap_or_else(|e| e.into_inner());
@@ -203,6 +224,9 @@ impl KeyProvider for FileEpochProvider {
         match recs.iter().rev().find(|(_, r, _)| r.epoch == epoch) {
             Some((_, r, k)) if r.destroyed.is_none() => Ok(RootKey::from_bytes(**k)),
             Some(_) => Err(Error::EpochDestroyed { epoch }),
+            None if epoch == 0 => Err(Error::KeyUnavailable {
+                what: "epoch 0 is a fixed root key: import it into the epoch file first (FileEpochProvider::import_fixed_key, bioseal epoch import)",
+            }),
             // A record torn by a destruction no longer parses; any epoch
             // older than a recorded one was created before it, so it is gone.
             None if recs.iter().any(|(_, r, _)| r.epoch > epoch) => {

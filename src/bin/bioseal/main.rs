@@ -251,6 +251,14 @@ pub(crate) enum EpochCmd {
     Status,
     /// Create the next epoch's key, re-seal the keyring, destroy the old key.
     Roll,
+    /// Move a store opened with --root-key to epoch keys: record that root
+    /// key as epoch 0 in the (new, empty) --epochs file. Then use --epochs,
+    /// run `epoch roll`, and destroy the old root key file.
+    Import {
+        /// The store's root key file.
+        #[arg(long)]
+        root_key_file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]

@@ -29,9 +29,25 @@ pub(crate) fn sweep(cli: &Cli, dry_run: &bool) -> R<u8> {
 
 /// `bioseal epoch status|roll`.
 pub(crate) fn epoch(cli: &Cli, action: &EpochCmd) -> R<u8> {
+    if let EpochCmd::Import { root_key_file } = action {
+        let epochs = cli
+            .epochs
+            .as_deref()
+            .ok_or_else(|| input("epoch import needs --epochs FILE (the new epoch file)"))?;
+        let key = RootKey::from_file(root_key_file)?;
+        bioseal::FileEpochProvider::open(epochs)?.import_fixed_key(&key)?;
+        println!(
+            "imported {} as epoch 0 into {}; open the store with --epochs, run `bioseal epoch roll`, \
+             then destroy {} (it opens every backup of epoch 0)",
+            root_key_file.display(),
+            epochs.display(),
+            root_key_file.display()
+        );
+        return Ok(0);
+    }
     let (store, _) = open(cli)?;
     let st = match action {
-        EpochCmd::Status => store.epoch_status()?,
+        EpochCmd::Status | EpochCmd::Import { .. } => store.epoch_status()?,
         EpochCmd::Roll => {
             let st = store.roll_epoch()?;
             println!(
