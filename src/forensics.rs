@@ -119,38 +119,16 @@ pub fn keyring_keks_from(
 }
 
 /// Every subject record in the `data` file of a backup directory
-/// ([`crate::Store::backup`]), with its wrapped DEK.
+/// ([`crate::Store::backup`]), with its wrapped DEK. The rows are not
+/// checked against the manifest (that takes the epoch's key).
 pub fn backup_subject_records(backup: impl AsRef<Path>) -> Result<Vec<RawSubjectRecord>> {
     let scratch = tempfile_dir()?;
     let db = SledBackend::open(&scratch, 16 << 20)?;
-    let bytes = std::fs::read(backup.as_ref().join("data"))?;
     let mut w = storage::Writes::default();
-    let bad = || Error::tampered("backup data");
-    fn take<'a>(bytes: &'a [u8], at: &mut usize, n: usize) -> Result<&'a [u8]> {
-        let s = bytes
-            .get(*at..at.saturating_add(n))
-            .ok_or(Error::tampered("backup data"))?;
-        *at += n;
-        Ok(s)
-    }
-    let be32 = |s: &[u8]| -> Result<usize> {
-        Ok(u32::from_be_bytes(s.try_into().map_err(|_| bad())?) as usize)
-    };
-    let mut at = 0usize;
-    while at < bytes.len() {
-        let t = match take(&bytes, &mut at, 1)?[0] {
-            1 => Table::Records,
-            2 => Table::Keys,
-            3 => Table::Meta,
-            4 => Table::Audit,
-            _ => return Err(bad()),
-        };
-        let kl = be32(take(&bytes, &mut at, 4)?)?;
-        let k = take(&bytes, &mut at, kl)?.to_vec();
-        let vl = be32(take(&bytes, &mut at, 4)?)?;
-        let v = take(&bytes, &mut at, vl)?.to_vec();
+    crate::store::backup_rows(backup.as_ref(), &mut |t, k, v| {
         w.put(t, k, Some(v));
-    }
+        Ok(())
+    })?;
     w.apply(&db)?;
     let out = subject_records_in(&db);
     drop(db);

@@ -171,10 +171,7 @@ impl Store {
                 dest.display()
             )));
         }
-        let mut b = std::fs::DirBuilder::new();
-        b.recursive(true);
-        std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
-        b.create(dest)?;
+        create_private_dir(dest)?;
         let _roll = self.roll.lock().unwrap_or_else(|e| e.into_inner());
         let all: Vec<u32> = (0..self.keyring.header().buckets).collect();
         let guards = self.lock_many(&all)?;
@@ -302,10 +299,7 @@ impl Store {
         let db = match shared_db {
             Some(db) => db,
             None => {
-                let mut b = std::fs::DirBuilder::new();
-                b.recursive(true);
-                std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
-                b.create(&config.dir)?;
+                create_private_dir(&config.dir)?;
                 Arc::new(storage::sled::SledBackend::open(
                     &config.dir,
                     config.cache_bytes,
@@ -410,6 +404,20 @@ fn read_rows(
     m: &Manifest,
     each: &mut dyn FnMut(Table, Vec<u8>, Vec<u8>) -> Result<()>,
 ) -> Result<()> {
+    let (rows, hash) = backup_rows(from, each)?;
+    if rows != m.rows || hash != m.data_hash {
+        return Err(Error::tampered("backup data"));
+    }
+    Ok(())
+}
+
+/// Every row of the `data` file of the backup in `from`, in order (a
+/// malformed frame is `Tampered`); returns the row count and the file's
+/// SHA-256, for the caller to check against a manifest.
+pub(crate) fn backup_rows(
+    from: &Path,
+    each: &mut dyn FnMut(Table, Vec<u8>, Vec<u8>) -> Result<()>,
+) -> Result<(u64, [u8; 32])> {
     let mut f = std::io::BufReader::new(std::fs::File::open(from.join("data"))?);
     let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
     let bad = || Error::tampered("backup data");
@@ -441,10 +449,9 @@ fn read_rows(
         rows += 1;
         each(t, k, v)?;
     }
-    if rows != m.rows || hash.finish().as_ref() != m.data_hash {
-        return Err(bad());
-    }
-    Ok(())
+    let mut digest = [0u8; 32];
+    digest.copy_from_slice(hash.finish().as_ref());
+    Ok((rows, digest))
 }
 
 /// The target of a restore: the live keyring's medium, what keeps other

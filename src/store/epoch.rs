@@ -88,7 +88,7 @@ impl Store {
             epoch,
             started: Timestamp::from_unix_secs(started),
             age: Duration::from_secs(now.saturating_sub(started)),
-            due: Timestamp::from_unix_secs(started.saturating_add(self.epoch_length.as_secs())),
+            due: Timestamp::from_unix_secs(self.epoch_due()),
             oldest_restorable: Timestamp::from_unix_secs(started),
             destruction_delay: self.keys.destruction_delay(),
             ledger_entries: self.keyring.state().ledger_len,
@@ -100,12 +100,16 @@ impl Store {
     /// (`None` if the provider cannot destroy keys).
     pub(super) fn backups_inert_by(&self) -> Option<Timestamp> {
         let delay = self.keys.destruction_delay()?;
-        let (_, started) = self.keyring.epoch();
         Some(Timestamp::from_unix_secs(
-            started
-                .saturating_add(self.epoch_length.as_secs())
-                .saturating_add(delay.as_secs()),
+            self.epoch_due().saturating_add(delay.as_secs()),
         ))
+    }
+
+    /// When the current epoch is due to be rolled (Unix seconds): its
+    /// start plus the configured epoch length.
+    fn epoch_due(&self) -> u64 {
+        let (_, started) = self.keyring.epoch();
+        started.saturating_add(self.epoch_length.as_secs())
     }
 
     /// Roll the epoch if it is due and the provider can destroy keys (what
@@ -114,9 +118,7 @@ impl Store {
         if self.keys.destruction_delay().is_none() {
             return Ok(false);
         }
-        let (_, started) = self.keyring.epoch();
-        let now = self.clock.now().unix_secs();
-        if now < started.saturating_add(self.epoch_length.as_secs()) {
+        if self.clock.now().unix_secs() < self.epoch_due() {
             return Ok(false);
         }
         self.roll_epoch().map(|_| true)

@@ -196,6 +196,7 @@ struct Loaded {
 
 mod backup;
 mod epoch;
+pub(crate) use backup::backup_rows;
 pub use backup::{BackupInfo, RestoreReport};
 pub use epoch::EpochStatus;
 mod lifecycle;
@@ -641,10 +642,7 @@ fn open_embedded(
 ) -> Result<Opened> {
     let dir = config.dir.clone();
     if !dir.exists() {
-        let mut b = std::fs::DirBuilder::new();
-        b.recursive(true);
-        std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
-        b.create(&dir)?;
+        create_private_dir(&dir)?;
         if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::File::open(parent)?.sync_all()?;
         }
@@ -668,10 +666,7 @@ fn open_embedded(
         )));
     }
     if !key_dir.exists() {
-        let mut b = std::fs::DirBuilder::new();
-        b.recursive(true);
-        std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
-        b.create(&key_dir)?;
+        create_private_dir(&key_dir)?;
     }
     std::fs::set_permissions(
         &key_dir,
@@ -771,6 +766,14 @@ fn to_wrapped(sealed: &[u8]) -> Result<[u8; WRAPPED_DEK_LEN]> {
     }
     w.copy_from_slice(sealed);
     Ok(w)
+}
+
+/// Create `dir` and any missing parents, mode 0700.
+fn create_private_dir(dir: &Path) -> Result<()> {
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+    Ok(b.create(dir)?)
 }
 
 /// The key directory's lock file: one process opens an embedded store
