@@ -85,6 +85,9 @@ pub enum AuditEvent {
     /// The store was restored from a backup and the revocation ledger
     /// replayed (`count`: ledger entries replayed).
     Restored,
+    /// A split-custody subject's user key was changed (the templates
+    /// re-sealed under a new server half and the new user key).
+    UserKeyChanged,
 }
 
 /// How it ended.
@@ -119,6 +122,11 @@ pub enum AuditOutcome {
     AlreadyEnrolled,
     /// Refused: the subject holds the maximum number of templates.
     TooManyTemplates,
+    /// Refused and counted as a failed attempt: a split-custody subject's
+    /// user key was missing or wrong.
+    WrongUserKey,
+    /// Refused: a user key was given for a server-custody subject.
+    NotSplitCustody,
 }
 
 /// One audit entry.

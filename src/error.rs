@@ -104,6 +104,21 @@ pub enum Error {
     /// The subject identifier is empty or longer than 1024 bytes.
     #[error("invalid subject identifier (1-1024 bytes)")]
     InvalidSubject,
+    /// A split-custody subject's user key is missing or wrong. Counted
+    /// as a failed attempt under the attempt limits and audited; it says
+    /// nothing about whether the face would have matched (the templates
+    /// were never opened).
+    #[error("wrong or missing user key for a split-custody subject")]
+    WrongUserKey,
+    /// A user key was given for a subject held in server custody (or a
+    /// user-key change asked for one); nothing was changed and no attempt
+    /// was spent.
+    #[error("the subject is held in server custody: it has no user key")]
+    NotSplitCustody,
+    /// A user key is malformed: not 32 raw bytes or 64 hexadecimal digits,
+    /// or all its bytes are equal.
+    #[error("invalid user key: {0}")]
+    InvalidUserKey(&'static str),
     /// The subject already holds the configured maximum number of templates.
     #[error("subject already holds the maximum of {max} templates")]
     TooManyTemplates {

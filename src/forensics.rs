@@ -46,8 +46,30 @@ pub struct RawSubjectRecord {
     pub generation: u64,
     /// The DEK, wrapped under the bucket KEK, from the bucket's key table.
     pub wrapped_dek: SealedBox,
-    /// Consent and templates, sealed under the DEK.
+    /// Consent (and the templates of a server-custody subject), sealed
+    /// under the DEK.
     pub payload: SealedBox,
+    /// A split-custody subject's templates, sealed under the key derived
+    /// from its server half and the person's user key
+    /// ([`RawSubjectRecord::split_key`]); `None` in server custody.
+    pub templates: Option<SealedBox>,
+    /// The store's id (part of the split key derivation).
+    pub store_id: [u8; 16],
+}
+
+impl RawSubjectRecord {
+    /// The template key the code derives for this subject from a candidate
+    /// server half and a candidate user key (HKDF-SHA-256, as
+    /// `crate::crypto::custody` does): what the forensic tests combine
+    /// every byte string found on disk through.
+    pub fn split_key(&self, server_half: &[u8; 32], user_key: &[u8; 32]) -> [u8; 32] {
+        *crate::crypto::custody::template_key(
+            server_half,
+            user_key,
+            &self.store_id,
+            &Pseudonym(self.pseudonym),
+        )
+    }
 }
 
 /// List every subject record in the sled database of a store directory
@@ -89,6 +111,11 @@ pub(crate) fn subject_records_in(db: &dyn Backend) -> Result<Vec<RawSubjectRecor
                 sealed: rec.payload,
                 aad: payload_aad(&store_id, &p),
             },
+            templates: (!rec.templates.is_empty()).then(|| SealedBox {
+                sealed: rec.templates,
+                aad: crate::crypto::custody::templates_aad(&store_id, &p),
+            }),
+            store_id,
         });
     }
     Ok(out)

@@ -135,6 +135,7 @@ pub use config::{
     DEFAULT_MAX_TEMPLATES,
 };
 pub use consent::{Consent, ConsentStatus, Purpose};
+pub use crypto::custody::{Custody, UserKey};
 pub use crypto::epochs::{EpochRecord, FileEpochProvider};
 pub use crypto::keyring::MAX_BUCKETS;
 pub use crypto::keys::{KeyProvider, RootKey};
@@ -268,6 +269,17 @@ pub mod __test {
             Ok(true)
         })?;
         Ok(out)
+    }
+
+    /// A subject's DEK, as the operator's keys open it.
+    pub fn dek(store: &Store, subject: &str) -> Result<[u8; 32]> {
+        store.test_dek(subject).map(|k| *k)
+    }
+
+    /// A split-custody subject's server half (`None` in server custody),
+    /// as the operator's keys open it.
+    pub fn split_half(store: &Store, subject: &str) -> Result<Option<[u8; 32]>> {
+        store.test_split_half(subject)
     }
 
     /// Write a raw value (`None` removes the key), and flush.

@@ -4,6 +4,7 @@
 //! HKDF/HMAC-SHA-256 and the system RNG from `ring`.
 
 pub(crate) mod aead;
+pub(crate) mod custody;
 pub(crate) mod epochs;
 pub(crate) mod keyring;
 pub(crate) mod keys;

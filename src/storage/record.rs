@@ -1,18 +1,24 @@
 //! Subject records and bucket key tables.
 //!
 //! A subject record is a fixed envelope around two values sealed under the
-//! subject's DEK: the bincode-encoded payload (consent and templates) and the
-//! state (failure counter, last failure, last interaction). One record, so
-//! that a verify reads one value; a state change rewrites the record with
-//! the payload's sealed bytes unchanged.
+//! subject's DEK: the bincode-encoded payload (consent, and the templates of
+//! a server-custody subject) and the state (failure counter, last failure,
+//! last interaction); between them, for a split-custody subject, its
+//! templates sealed under the key derived from the server half and the
+//! person's user key ([`crate::crypto::custody`]). One record, so that a
+//! verify reads one value; a state change rewrites the record with the
+//! payload's and templates' sealed bytes unchanged.
 //!
 //! ```text
-//! 0        format version (3)
-//! 1..5     payload length L (u32 BE), at least 28
-//! 5..5+L   payload: nonce 12 | AES-256-GCM_DEK(bincode(SubjectPayload)) | tag 16
-//!          associated data "bioseal/v1/subject" | store id | pseudonym | format version
-//! 5+L..    state: nonce 12 | AES-256-GCM_DEK(SubjectState) | tag 16
-//!          associated data "bioseal/v1/state" | store id | pseudonym
+//! 0          format version (4)
+//! 1..5       payload length L (u32 BE), at least 28
+//! 5..5+L     payload: nonce 12 | AES-256-GCM_DEK(bincode(SubjectPayload)) | tag 16
+//!            associated data "bioseal/v1/subject" | store id | pseudonym | format version
+//! +4         templates length T (u32 BE): 0 (server custody) or at least 28
+//! +T         split custody: nonce 12 | AES-256-GCM_Kt(bincode(templates)) | tag 16
+//!            associated data "bioseal/v1/templates" | store id | pseudonym
+//! ..end      state: nonce 12 | AES-256-GCM_DEK(SubjectState) | tag 16
+//!            associated data "bioseal/v1/state" | store id | pseudonym
 //! ```
 //!
 //! The subject's DEK is not in its record but in its bucket's key table, one
@@ -34,9 +40,9 @@ use crate::embedding::Template;
 use crate::error::{Error, Result};
 use bincode::Options;
 use serde::{Deserialize, Serialize};
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
-pub(crate) const RECORD_VERSION: u8 = 3;
+pub(crate) const RECORD_VERSION: u8 = 4;
 const RECORD_HEAD: usize = 1 + 4;
 pub(crate) const WRAPPED_DEK_LEN: usize = 32 + OVERHEAD;
 const TABLE_VERSION: u8 = 1;
@@ -45,45 +51,58 @@ const ENTRY_LEN: usize = 32 + WRAPPED_DEK_LEN;
 /// Upper bound on a decoded payload (64 templates of 4096 dimensions fit).
 const MAX_PAYLOAD: u64 = 1 << 20;
 
-/// The outer, non-secret envelope of a subject record: its two sealed
-/// values, not decrypted.
+/// The outer, non-secret envelope of a subject record: its sealed values,
+/// not decrypted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct SubjectRecord {
     pub(crate) payload: Vec<u8>,
+    /// A split-custody subject's sealed templates; empty in server custody.
+    pub(crate) templates: Vec<u8>,
     pub(crate) state: Vec<u8>,
 }
 
 impl SubjectRecord {
     pub(crate) fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(RECORD_HEAD + self.payload.len() + self.state.len());
+        let mut v = Vec::with_capacity(
+            RECORD_HEAD + 4 + self.payload.len() + self.templates.len() + self.state.len(),
+        );
         v.push(RECORD_VERSION);
-        // A payload is at most MAX_PAYLOAD plus the AEAD overhead.
+        // A payload (and sealed templates) is at most MAX_PAYLOAD plus the
+        // AEAD overhead.
         v.extend_from_slice(&(self.payload.len() as u32).to_be_bytes());
         v.extend_from_slice(&self.payload);
+        v.extend_from_slice(&(self.templates.len() as u32).to_be_bytes());
+        v.extend_from_slice(&self.templates);
         v.extend_from_slice(&self.state);
         v
     }
 
     pub(crate) fn decode(bytes: &[u8]) -> Result<Self> {
-        if bytes.len() < RECORD_HEAD + 2 * OVERHEAD {
+        if bytes.len() < RECORD_HEAD + 4 + 2 * OVERHEAD {
             return Err(Error::tampered("subject record (too short)"));
         }
         if bytes[0] != RECORD_VERSION {
             return Err(Error::tampered("subject record (unknown format version)"));
         }
-        let mut l = [0u8; 4];
-        l.copy_from_slice(&bytes[1..RECORD_HEAD]);
-        let l = u32::from_be_bytes(l) as usize;
-        let rest = &bytes[RECORD_HEAD..];
-        if l < OVERHEAD || rest.len() < l.saturating_add(OVERHEAD) {
-            return Err(Error::tampered("subject record (payload length)"));
-        }
-        let (payload, state) = rest.split_at(l);
+        let (payload, rest) = split_section(&bytes[1..])
+            .filter(|(p, _)| p.len() >= OVERHEAD)
+            .ok_or(Error::tampered("subject record (payload length)"))?;
+        let (templates, state) = split_section(rest)
+            .filter(|(t, s)| (t.is_empty() || t.len() >= OVERHEAD) && s.len() >= OVERHEAD)
+            .ok_or(Error::tampered("subject record (templates length)"))?;
         Ok(SubjectRecord {
             payload: payload.to_vec(),
+            templates: templates.to_vec(),
             state: state.to_vec(),
         })
     }
+}
+
+/// Split `bytes` after a u32 BE length prefix and that many bytes.
+fn split_section(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (len, rest) = bytes.split_first_chunk::<4>()?;
+    let n = u32::from_be_bytes(*len) as usize;
+    (rest.len() >= n).then(|| rest.split_at(n))
 }
 
 /// A bucket's key table, checked for shape (version, length, strictly
@@ -248,11 +267,59 @@ impl SubjectState {
     }
 }
 
-/// What a subject's DEK seals: consent and templates.
+/// What a subject's DEK seals: consent, and the templates (server custody)
+/// or what is needed to open them with the person's user key (split
+/// custody).
 #[derive(Serialize, Deserialize)]
 pub(crate) struct SubjectPayload {
     pub(crate) consent: Consent,
+    /// Server custody: the templates. Split custody: empty (they are in
+    /// the record's templates section, sealed under the derived key).
     pub(crate) templates: Vec<Template>,
+    pub(crate) split: Option<SplitHalf>,
+}
+
+/// The server's part of a split-custody subject: the server half of its
+/// template key, how many templates it holds (so that a refused or
+/// wrong-key verify costs what a comparison would), and the SHA-256 of its
+/// sealed templates (so that an altered section is `Tampered`, not a wrong
+/// user key).
+#[derive(Serialize, Deserialize)]
+pub(crate) struct SplitHalf {
+    pub(crate) server_half: [u8; 32],
+    pub(crate) count: u32,
+    pub(crate) digest: [u8; 32],
+}
+
+impl Drop for SplitHalf {
+    fn drop(&mut self) {
+        self.server_half.zeroize();
+    }
+}
+
+/// Encode templates alone (a split subject's sealed section) into a buffer
+/// wiped on drop.
+pub(crate) fn encode_templates(templates: &[Template]) -> Result<Zeroizing<Vec<u8>>> {
+    let c = codec();
+    let size = c
+        .serialized_size(templates)
+        .map_err(|_| Error::Config("templates too large".into()))?;
+    let mut buf = Zeroizing::new(Vec::with_capacity(size as usize));
+    c.serialize_into(&mut *buf, templates)
+        .map_err(|_| Error::Config("templates too large".into()))?;
+    Ok(buf)
+}
+
+/// Decode a split subject's opened templates, checked against the count
+/// its payload vouches for and the store's dimension.
+pub(crate) fn decode_templates(bytes: &[u8], dim: usize, count: u32) -> Result<Vec<Template>> {
+    let t: Vec<Template> = codec()
+        .deserialize(bytes)
+        .map_err(|_| Error::tampered("subject templates"))?;
+    if t.len() != count as usize || t.iter().any(|t| t.values().len() != dim) {
+        return Err(Error::tampered("subject templates"));
+    }
+    Ok(t)
 }
 
 fn codec() -> impl Options + Copy {
@@ -281,7 +348,11 @@ impl SubjectPayload {
         let p: SubjectPayload = codec()
             .deserialize(bytes)
             .map_err(|_| Error::tampered("subject payload"))?;
-        if p.templates.is_empty()
+        let templates_ok = match &p.split {
+            None => !p.templates.is_empty(),
+            Some(s) => p.templates.is_empty() && (1..=64).contains(&s.count),
+        };
+        if !templates_ok
             || p.templates.iter().any(|t| t.values().len() != dim)
             || p.consent.purposes().next().is_none()
         {
@@ -299,31 +370,45 @@ mod tests {
 
     #[test]
     fn record_roundtrip_and_malformed_input() {
-        let r = SubjectRecord {
-            payload: vec![9u8; 40],
-            state: vec![8u8; 30],
-        };
-        let e = r.encode();
-        assert_eq!(e.len(), RECORD_HEAD + 70);
-        assert_eq!(SubjectRecord::decode(&e).expect("decode"), r);
-        // Every truncation that leaves the state shorter than a seal fails.
-        for n in 0..RECORD_HEAD + 40 + OVERHEAD {
-            assert!(SubjectRecord::decode(&e[..n]).is_err(), "length {n}");
-        }
-        let mut v2 = e.clone();
-        v2[0] = 2;
-        assert!(matches!(
-            SubjectRecord::decode(&v2),
-            Err(Error::Tampered { .. })
-        ));
-        // Payload lengths below a seal, or past the end, are refused.
-        for l in [0u32, 27, 43, u32::MAX] {
-            let mut v = e.clone();
-            v[1..RECORD_HEAD].copy_from_slice(&l.to_be_bytes());
-            assert!(
-                matches!(SubjectRecord::decode(&v), Err(Error::Tampered { .. })),
-                "length field {l}"
-            );
+        for t in [0usize, 50] {
+            let r = SubjectRecord {
+                payload: vec![9u8; 40],
+                templates: vec![7u8; t],
+                state: vec![8u8; 30],
+            };
+            let e = r.encode();
+            assert_eq!(e.len(), RECORD_HEAD + 4 + 70 + t);
+            assert_eq!(SubjectRecord::decode(&e).expect("decode"), r);
+            // Every truncation that leaves the state shorter than a seal fails.
+            for n in 0..RECORD_HEAD + 4 + 40 + t + OVERHEAD {
+                assert!(SubjectRecord::decode(&e[..n]).is_err(), "length {n}");
+            }
+            let mut v2 = e.clone();
+            v2[0] = 3;
+            assert!(matches!(
+                SubjectRecord::decode(&v2),
+                Err(Error::Tampered { .. })
+            ));
+            // Payload lengths below a seal, or past the end, are refused.
+            for l in [0u32, 27, 43 + t as u32 + 4, u32::MAX] {
+                let mut v = e.clone();
+                v[1..RECORD_HEAD].copy_from_slice(&l.to_be_bytes());
+                assert!(
+                    matches!(SubjectRecord::decode(&v), Err(Error::Tampered { .. })),
+                    "payload length field {l}"
+                );
+            }
+            // Templates lengths that are neither 0 nor a seal, or leave the
+            // state short, are refused.
+            let at = RECORD_HEAD + 40;
+            for l in [1u32, 27, t as u32 + 3, u32::MAX] {
+                let mut v = e.clone();
+                v[at..at + 4].copy_from_slice(&l.to_be_bytes());
+                assert!(
+                    matches!(SubjectRecord::decode(&v), Err(Error::Tampered { .. })),
+                    "templates length field {l}"
+                );
+            }
         }
     }
 
@@ -366,6 +451,7 @@ mod tests {
             consent: Consent::new([Purpose::IDENTITY_VERIFICATION])
                 .expires_at(Timestamp::from_unix_secs(10)),
             templates: vec![Template::from_raw(vec![1, -2, 3])],
+            split: None,
         };
         let bytes = p.encode().expect("encode");
         let q = SubjectPayload::decode(&bytes, 3).expect("decode");
@@ -378,5 +464,43 @@ mod tests {
             SubjectPayload::decode(&longer, 3).is_err(),
             "trailing bytes"
         );
+    }
+
+    #[test]
+    fn split_payload_and_templates_codec() {
+        let split = |templates: Vec<Template>, count| SubjectPayload {
+            consent: Consent::new([Purpose::IDENTITY_VERIFICATION]),
+            templates,
+            split: Some(SplitHalf {
+                server_half: [5; 32],
+                count,
+                digest: [6; 32],
+            }),
+        };
+        let ok = split(Vec::new(), 2).encode().expect("encode");
+        let q = SubjectPayload::decode(&ok, 3).expect("decode");
+        assert_eq!(
+            q.split.as_ref().map(|s| (s.count, s.server_half[0])),
+            Some((2, 5))
+        );
+        // A split payload holds no templates, and vouches for 1 to 64.
+        for bad in [
+            split(vec![Template::from_raw(vec![1, 2, 3])], 1),
+            split(Vec::new(), 0),
+            split(Vec::new(), 65),
+        ] {
+            let b = bad.encode().expect("encode");
+            assert!(SubjectPayload::decode(&b, 3).is_err());
+        }
+        let t = vec![
+            Template::from_raw(vec![1, 2, 3]),
+            Template::from_raw(vec![4, 5, 6]),
+        ];
+        let e = encode_templates(&t).expect("encode");
+        let d = decode_templates(&e, 3, 2).expect("decode");
+        assert_eq!(d[1].values(), &[4, 5, 6]);
+        assert!(decode_templates(&e, 3, 1).is_err(), "count");
+        assert!(decode_templates(&e, 4, 2).is_err(), "dimension");
+        assert!(decode_templates(&e[..e.len() - 1], 3, 2).is_err());
     }
 }

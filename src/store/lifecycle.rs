@@ -18,7 +18,7 @@ impl Store {
     /// or revoke and a new enrollment. A subject past its deadline is
     /// destroyed first and then enrolled anew.
     pub fn enroll(&self, subject: &str, embedding: Embedding, consent: Consent) -> Result<()> {
-        self.enroll_staged(subject, embedding, consent)?;
+        self.enroll_staged(subject, embedding, consent, None)?;
         self.flush()
     }
 
@@ -35,7 +35,7 @@ impl Store {
     {
         let mut out = Vec::new();
         for (subject, embedding, consent) in items {
-            let r = self.enroll_staged(subject.as_ref(), embedding, consent);
+            let r = self.enroll_staged(subject.as_ref(), embedding, consent, None);
             if let Err(e @ (Error::Storage(_) | Error::Io(_))) = r {
                 return Err(e);
             }
@@ -45,12 +45,14 @@ impl Store {
         Ok(out)
     }
 
-    /// Everything [`Store::enroll`] does except the final sync.
+    /// Everything [`Store::enroll`] does except the final sync; with
+    /// `user_key`, in split custody ([`Store::enroll_with`]).
     pub(super) fn enroll_staged(
         &self,
         subject: &str,
         embedding: Embedding,
         consent: Consent,
+        user_key: Option<&UserKey>,
     ) -> Result<()> {
         check_subject(subject)?;
         let template = embedding.quantize(self.dim)?;
@@ -86,16 +88,19 @@ impl Store {
         // (an entry without a record is harmless, and the bucket's next
         // rotation drops it).
         w.put_table(b, self.table_with(&p, b, &dek)?);
-        let l = Loaded {
+        let mut l = Loaded {
             dek,
             payload: SubjectPayload {
                 consent,
-                templates: vec![template],
+                templates: Vec::new(),
+                split: None,
             },
             state,
             sealed_payload: Vec::new(),
+            sealed_templates: Vec::new(),
             index_day: None,
         };
+        self.put_templates(&p, &mut l, vec![template], user_key, true)?;
         self.put_subject(&mut w, &p, b, &l, true)?;
         w.apply(&*self.db)?;
         // Durable by the caller's flush.
@@ -125,7 +130,7 @@ impl Store {
     /// unconsented purpose cost the same (a rotation of the bucket), so
     /// that latency does not tell who is enrolled (SECURITY.md §11).
     pub fn verify(&self, subject: &str, purpose: &Purpose, probe: Embedding) -> Result<Decision> {
-        self.verify_and(subject, purpose, probe, None)
+        self.verify_and(subject, purpose, probe, None, None)
     }
 
     /// Add a template to an enrolled subject, but only if `probe` (a fresh
@@ -144,16 +149,18 @@ impl Store {
         new: Embedding,
     ) -> Result<Decision> {
         let new = new.quantize(self.dim)?;
-        self.verify_and(subject, purpose, probe, Some(new))
+        self.verify_and(subject, purpose, probe, Some(new), None)
     }
 
-    /// A verification, adding `add` to the templates on a match.
-    fn verify_and(
+    /// A verification, adding `add` to the templates on a match; with
+    /// `user_key` for a split-custody subject.
+    pub(super) fn verify_and(
         &self,
         subject: &str,
         purpose: &Purpose,
         probe: Embedding,
         add: Option<Template>,
+        user_key: Option<&UserKey>,
     ) -> Result<Decision> {
         check_subject(subject)?;
         let probe = probe.quantize(self.dim)?;
@@ -161,18 +168,11 @@ impl Store {
         let guard = self.lock(b)?;
         let now = self.now();
         let adding = add.is_some();
-        let result = self.verify_locked(&p, b, &key, purpose, &probe, add, now, &guard);
+        let result = self.verify_locked(&p, b, &key, purpose, &probe, add, user_key, now, &guard);
         let outcome = match &result {
             Ok(Decision::Match) => AuditOutcome::Match,
             Ok(Decision::NoMatch) => AuditOutcome::NoMatch,
-            Err(Error::LockedOut { .. }) => AuditOutcome::LockedOut,
-            Err(Error::VerificationDisabled) => AuditOutcome::Disabled,
-            Err(Error::ConsentExpired) => AuditOutcome::ConsentExpired,
-            Err(Error::RetentionExpired) => AuditOutcome::RetentionExpired,
-            Err(Error::PurposeNotConsented) => AuditOutcome::PurposeNotConsented,
-            Err(Error::NotEnrolled) => AuditOutcome::NotEnrolled,
-            Err(Error::TooManyTemplates { .. }) => AuditOutcome::TooManyTemplates,
-            Err(_) => AuditOutcome::Error,
+            Err(e) => custody::refusal_outcome(e),
         };
         self.log(
             now,
@@ -287,6 +287,7 @@ impl Store {
         purpose: &Purpose,
         probe: &Template,
         add: Option<Template>,
+        user_key: Option<&UserKey>,
         now: Timestamp,
         guard: &BucketGuard<'_>,
     ) -> Result<Decision> {
@@ -298,7 +299,14 @@ impl Store {
             }
             Err(e) => return Err(e),
         };
-        if add.is_some() && l.payload.templates.len() >= self.max_templates {
+        let held = match &l.payload.split {
+            Some(s) => s.count as usize,
+            None => l.payload.templates.len(),
+        };
+        if l.payload.split.is_none() && user_key.is_some() {
+            return Err(Error::NotSplitCustody);
+        }
+        if add.is_some() && held >= self.max_templates {
             return Err(Error::TooManyTemplates {
                 max: self.max_templates,
             });
@@ -311,10 +319,23 @@ impl Store {
             }
         });
         if let Err(e) = allowed {
-            self.refusal_cost(b, &l, probe, guard)?;
+            self.refusal_cost(p, b, &l, probe, guard)?;
             return Err(e);
         }
-        let decision = matcher::decide(&l.payload.templates, probe, self.fixed_threshold());
+        let mut templates = match self.take_templates(p, &mut l, user_key) {
+            Ok(t) => t,
+            Err(Error::WrongUserKey) => {
+                // What a comparison and a `NoMatch` cost, and a failure
+                // counted as a `NoMatch` counts it.
+                if let Some(s) = &l.payload.split {
+                    self.split_cost(p, s, &l.sealed_templates, probe);
+                }
+                self.count_failure(p, b, l, now, guard)?;
+                return Err(Error::WrongUserKey);
+            }
+            Err(e) => return Err(e),
+        };
+        let decision = matcher::decide(&templates, probe, self.fixed_threshold());
         let st = l.state;
         match decision {
             Decision::Match => {
@@ -325,11 +346,12 @@ impl Store {
                 }
                 let reseal = match add {
                     Some(t) => {
-                        l.payload.templates.push(t);
+                        templates.push(t);
                         true
                     }
                     None => false,
                 };
+                self.put_templates(p, &mut l, templates, user_key, reseal)?;
                 // Lowering the counter or adding a template need not be
                 // made irreversible: an older version spliced back only
                 // counts more failures or holds fewer templates.
@@ -340,12 +362,8 @@ impl Store {
                 }
             }
             Decision::NoMatch => {
-                l.state.failures = st.failures.saturating_add(1);
-                l.state.last_failure = now.unix_secs();
-                // Durable before the answer, and irreversible: crashing the
-                // service or splicing an older record back must not give
-                // back an attempt.
-                self.rekey(p, b, l, guard)?;
+                self.put_templates(p, &mut l, templates, user_key, false)?;
+                self.count_failure(p, b, l, now, guard)?;
             }
         }
         Ok(decision)

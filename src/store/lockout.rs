@@ -47,16 +47,22 @@ impl Store {
     /// and a rotation of the bucket, as a `NoMatch` would.
     pub(super) fn refusal_cost(
         &self,
+        p: &Pseudonym,
         b: u32,
         l: &Loaded,
         probe: &Template,
         guard: &BucketGuard<'_>,
     ) -> Result<()> {
-        let _ = std::hint::black_box(matcher::decide(
-            &l.payload.templates,
-            probe,
-            self.fixed_threshold(),
-        ));
+        match &l.payload.split {
+            Some(s) => self.split_cost(p, s, &l.sealed_templates, probe),
+            None => {
+                let _ = std::hint::black_box(matcher::decide(
+                    &l.payload.templates,
+                    probe,
+                    self.fixed_threshold(),
+                ));
+            }
+        }
         reseal_cost(&AeadKey::new(&l.dek), &l.payload, &l.state)?;
         self.rotate_many(&[(b, Vec::new())], &[guard], true, None, true)
     }
@@ -125,6 +131,9 @@ pub(super) struct Decoy {
     wrapped: Vec<u8>,
     /// An encoded subject record.
     pub(super) record: Vec<u8>,
+    /// As many stand-in templates as a subject may hold, for a split
+    /// subject's comparison that does not happen.
+    pub(super) templates: Vec<Template>,
 }
 
 impl Decoy {
@@ -137,6 +146,7 @@ impl Decoy {
                 .expires_at(Timestamp::from_unix_secs(1))
                 .evidence([0; 32]),
             templates: vec![template],
+            split: None,
         };
         let state = SubjectState {
             failures: 0,
@@ -144,15 +154,23 @@ impl Decoy {
             last_interaction: 0,
         };
         let record = SubjectRecord {
+            templates: Vec::new(),
             payload: key.seal(b"bioseal/decoy", &payload.encode()?)?,
             state: key.seal(b"bioseal/decoy-state", &state.encode()?)?,
         }
         .encode();
         let wrapped = key.seal(b"bioseal/decoy-dek", random::<32>()?.as_ref())?;
+        let templates = (0..64)
+            .map(|_| {
+                Embedding::new((0..dim).map(|i| if i == 1 { 1.0 } else { 0.0 }).collect())
+                    .quantize(dim)
+            })
+            .collect::<std::result::Result<_, _>>()?;
         Ok(Decoy {
             key,
             wrapped,
             record,
+            templates,
         })
     }
 }

@@ -6,6 +6,7 @@ use crate::clock::{Clock, Timestamp};
 use crate::config::{AttemptPolicy, Durability, ShredPolicy, StoreConfig};
 use crate::consent::{Consent, ConsentStatus, Purpose};
 use crate::crypto::aead::AeadKey;
+use crate::crypto::custody::UserKey;
 use crate::crypto::keyring::{Kek, Keyring};
 use crate::crypto::pseudonym::Pseudonym;
 use crate::crypto::random;
@@ -189,12 +190,17 @@ struct Loaded {
     /// The payload as sealed on disk (empty for a subject not yet written),
     /// kept so that a state change rewrites it without re-sealing.
     sealed_payload: Vec<u8>,
+    /// A split-custody subject's templates as sealed on disk under the key
+    /// derived from its server half and user key (empty in server custody);
+    /// a DEK change keeps them as they are.
+    sealed_templates: Vec<u8>,
     /// The day its retention-index pointer named when it was read (`None`:
     /// not read; then `put_subject` reads it).
     index_day: Option<Option<u32>>,
 }
 
 mod backup;
+mod custody;
 mod epoch;
 pub(crate) use backup::backup_rows;
 pub use backup::{BackupInfo, RestoreReport};
@@ -841,8 +847,9 @@ const _: fn() = || {
     send_sync::<Store>();
 };
 
-/// Crate-internal access for the forensics unit test.
-#[cfg(test)]
+/// Access for the forensics tests (the crate's own, and with the
+/// `failpoints` feature its integration tests): the keys an operator holds.
+#[cfg(any(test, feature = "failpoints"))]
 impl Store {
     pub(crate) fn test_dek(&self, subject: &str) -> Result<Zeroizing<[u8; 32]>> {
         let (p, b, key) = self.locate(subject);
@@ -851,5 +858,13 @@ impl Store {
             .load_subject(&p, b, &key)?
             .ok_or(Error::NotEnrolled)?
             .dek)
+    }
+
+    /// A split-custody subject's server half (`None` in server custody).
+    pub(crate) fn test_split_half(&self, subject: &str) -> Result<Option<[u8; 32]>> {
+        let (p, b, key) = self.locate(subject);
+        let _g = self.lock(b)?;
+        let l = self.load_subject(&p, b, &key)?.ok_or(Error::NotEnrolled)?;
+        Ok(l.payload.split.as_ref().map(|s| s.server_half))
     }
 }

@@ -198,7 +198,7 @@ impl Store {
     /// [`Store::open_table`]) and write in one sled transaction. With
     /// `rekey`, that subject (as the `Loaded` holds it, in the one bucket of
     /// `work`) is re-sealed under a fresh DEK in the same transaction (see
-    /// [`Store::rekey`]); without it, a strict rotation writes a
+    /// [`Store::rekey_subject`]); without it, a strict rotation writes a
     /// record-sized stand-in instead, so that both cost the same.
     ///
     /// With `ledger`, the removed subjects enter the revocation ledger in
@@ -331,7 +331,7 @@ impl Store {
     /// record and the re-wrapped table are written in one sled transaction
     /// (a crash leaves the old pair or the new pair, never a record whose
     /// DEK is not in the table); sled is synced; the old slot is zeroed.
-    pub(super) fn rekey(
+    pub(super) fn rekey_subject(
         &self,
         p: &Pseudonym,
         b: u32,

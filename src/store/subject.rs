@@ -38,6 +38,7 @@ impl Store {
             payload,
             state,
             sealed_payload: rec.payload,
+            sealed_templates: rec.templates,
             index_day,
         }))
     }
@@ -81,6 +82,7 @@ impl Store {
         };
         let rec = SubjectRecord {
             payload,
+            templates: l.sealed_templates.clone(),
             state: key.seal(&state_aad(&store_id, p), &l.state.encode()?)?,
         };
         w.insert(&storage::subject_key(b, p)[..], rec.encode());
@@ -95,7 +97,7 @@ impl Store {
 
     /// Write a change that must not be undone, durably, with its audit
     /// entry: the subject re-sealed under a fresh DEK and its bucket rotated
-    /// ([`Store::rekey`]), then the entry and one flush.
+    /// ([`Store::rekey_subject`]), then the entry and one flush.
     pub(super) fn commit_subject(
         &self,
         p: &Pseudonym,
@@ -105,7 +107,7 @@ impl Store {
         entry: AuditEntry,
         guard: &BucketGuard<'_>,
     ) -> Result<()> {
-        self.rekey(p, b, l, guard)?;
+        self.rekey_subject(p, b, l, guard)?;
         self.log(now, entry.subject(p).outcome(AuditOutcome::Ok))?;
         self.flush()
     }

@@ -1,0 +1,434 @@
+//! Split custody (SECURITY.md §17): a subject whose templates open only with
+//! the person's user key. Its life on both backends and across key epochs;
+//! wrong keys under the attempt limits, never telling whether the face
+//! would have matched; retention and revocation without the key; a
+//! tampered templates section told apart from a wrong key.
+
+mod common;
+use bioseal::{
+    AuditEvent, AuditOutcome, Decision, Error, FileEpochProvider, Purpose, Store, UserKey,
+    Withdrawal,
+};
+use common::*;
+use std::time::Duration;
+
+fn key_bytes(seed: u8) -> [u8; 32] {
+    let mut b = [0u8; 32];
+    for (i, x) in b.iter_mut().enumerate() {
+        *x = seed
+            .wrapping_mul(31)
+            .wrapping_add((i as u8).wrapping_mul(7))
+            .wrapping_add(1);
+    }
+    b
+}
+
+fn user_key(seed: u8) -> UserKey {
+    UserKey::from_bytes(key_bytes(seed)).expect("user key")
+}
+
+fn verify_with(store: &Store, s: &str, probe: &[f32], key: &UserKey) -> Result<Decision, Error> {
+    store.verify_with(s, &IDV, emb(probe), key)
+}
+
+/// The event and outcome of every audit entry about verification, in order.
+fn verify_outcomes(store: &Store) -> Vec<Option<AuditOutcome>> {
+    store
+        .audit()
+        .entries()
+        .expect("audit")
+        .into_iter()
+        .filter(|e| e.event == AuditEvent::Verify)
+        .map(|e| e.outcome)
+        .collect()
+}
+
+fn split_subject_lifecycle(k: Kind) {
+    let f = Fixture::with(k, 16);
+    let store = f.open();
+    let mut rng = Rng(21);
+    let alice = rng.unit(DIM);
+    let bob = rng.unit(DIM);
+    let (key, wrong) = (user_key(1), user_key(2));
+    store
+        .enroll_with("alice", emb(&alice), consent(f.now(), 365), &key)
+        .expect("enroll");
+    store
+        .enroll("bob", emb(&bob), consent(f.now(), 365))
+        .expect("enroll server custody");
+    // Enrolled once: a second enrollment is refused whatever its custody.
+    assert!(matches!(
+        store.enroll_with("alice", emb(&alice), consent(f.now(), 365), &key),
+        Err(Error::AlreadyEnrolled)
+    ));
+
+    // The right key: genuine matches, an impostor does not.
+    for _ in 0..4 {
+        let probe = rng.noisy(&alice, 0.3);
+        assert_eq!(
+            verify_with(&store, "alice", &probe, &key).expect("verify"),
+            Decision::Match
+        );
+    }
+    assert_eq!(
+        verify_with(&store, "alice", &bob, &key).expect("verify"),
+        Decision::NoMatch
+    );
+    // A wrong key, or none, is WrongUserKey for the genuine face and an
+    // impostor alike.
+    assert!(matches!(
+        verify_with(&store, "alice", &alice, &wrong),
+        Err(Error::WrongUserKey)
+    ));
+    assert!(matches!(
+        verify_with(&store, "alice", &bob, &wrong),
+        Err(Error::WrongUserKey)
+    ));
+    assert!(matches!(
+        store.verify("alice", &IDV, emb(&alice)),
+        Err(Error::WrongUserKey)
+    ));
+    // A key for a server-custody subject is refused and spends nothing.
+    assert!(matches!(
+        verify_with(&store, "bob", &bob, &key),
+        Err(Error::NotSplitCustody)
+    ));
+    assert!(matches!(
+        store.rekey("bob", &key, &wrong),
+        Err(Error::NotSplitCustody)
+    ));
+    assert_eq!(
+        store.verify("bob", &IDV, emb(&bob)).expect("verify"),
+        Decision::Match
+    );
+
+    // A template added with the key; the subject then matches a face close
+    // to the new template only.
+    let later = rng.noisy(&alice, 1.2);
+    let probe = rng.noisy(&alice, 0.3);
+    assert_eq!(
+        store
+            .add_template_with("alice", &IDV, emb(&probe), emb(&later), &key)
+            .expect("add"),
+        Decision::Match
+    );
+    assert!(matches!(
+        store.add_template("alice", &IDV, emb(&probe), emb(&later)),
+        Err(Error::WrongUserKey)
+    ));
+
+    // Consent changes, status and a purpose withdrawal need no key.
+    let status = store.consent_status("alice").expect("status");
+    assert!(status.purposes.contains(&IDV));
+    store
+        .renew_consent(
+            "alice",
+            bioseal::Consent::new([IDV, Purpose::IMPERSONATION_CHECK])
+                .expires_at(f.now().saturating_add(DAY * 200))
+                .evidence([0xab; 32]),
+        )
+        .expect("renew");
+    assert!(matches!(
+        store.withdraw_purpose("alice", &Purpose::IMPERSONATION_CHECK),
+        Ok(Withdrawal::Remaining(_))
+    ));
+    assert!(matches!(
+        store.verify_with("alice", &Purpose::IMPERSONATION_CHECK, emb(&alice), &key),
+        Err(Error::PurposeNotConsented)
+    ));
+    store.reset_attempts("alice").expect("reset");
+
+    // Reopened: the same answers.
+    drop(store);
+    let store = f.open();
+    assert_eq!(
+        verify_with(&store, "alice", &later, &key).expect("verify"),
+        Decision::Match
+    );
+    assert!(matches!(
+        verify_with(&store, "alice", &alice, &wrong),
+        Err(Error::WrongUserKey)
+    ));
+
+    // The person changes the key: the old one no longer opens anything.
+    let new = user_key(3);
+    assert!(matches!(
+        store.rekey("alice", &wrong, &new),
+        Err(Error::WrongUserKey)
+    ));
+    store.rekey("alice", &key, &new).expect("rekey");
+    assert!(matches!(
+        verify_with(&store, "alice", &alice, &key),
+        Err(Error::WrongUserKey)
+    ));
+    assert_eq!(
+        verify_with(&store, "alice", &alice, &new).expect("verify"),
+        Decision::Match
+    );
+    assert_eq!(
+        verify_with(&store, "alice", &later, &new).expect("verify"),
+        Decision::Match
+    );
+
+    // Revoke needs no key.
+    store.revoke("alice").expect("revoke");
+    assert!(matches!(
+        verify_with(&store, "alice", &alice, &new),
+        Err(Error::NotEnrolled)
+    ));
+    let changes: Vec<_> = store
+        .audit()
+        .entries()
+        .expect("audit")
+        .into_iter()
+        .filter(|e| e.event == AuditEvent::UserKeyChanged)
+        .map(|e| e.outcome)
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            Some(AuditOutcome::NotSplitCustody),
+            Some(AuditOutcome::WrongUserKey),
+            Some(AuditOutcome::Ok)
+        ]
+    );
+    let v = verify_outcomes(&store);
+    assert_eq!(
+        v.iter()
+            .filter(|o| **o == Some(AuditOutcome::WrongUserKey))
+            .count(),
+        6,
+        "{v:?}"
+    );
+    store.audit().verify_chain().expect("chain");
+}
+
+/// Wrong keys count under the attempt limits exactly as NoMatch does, and
+/// a wrong key with the genuine face leaves the store in the same state as
+/// a wrong key with an impostor's: the same error, the same audit entries,
+/// the same counter (seen through when the lockout starts).
+fn wrong_keys_count_and_never_tell_the_face(k: Kind) {
+    let mut rng = Rng(22);
+    let alice = rng.unit(DIM);
+    let impostor = rng.unit(DIM);
+    let (key, wrong) = (user_key(4), user_key(5));
+    let mut runs = Vec::new();
+    for probe in [&alice, &impostor] {
+        let f = Fixture::with(k, 8);
+        let store = f.open();
+        store
+            .enroll_with("alice", emb(&alice), consent(f.now(), 365), &key)
+            .expect("enroll");
+        let mut seen = Vec::new();
+        // Five wrong keys (the soft limit): each counted.
+        for _ in 0..5 {
+            seen.push(format!("{:?}", verify_with(&store, "alice", probe, &wrong)));
+        }
+        // Then the right key and the genuine face are locked out.
+        seen.push(format!("{:?}", verify_with(&store, "alice", &alice, &key)));
+        f.clock.advance(Duration::from_secs(31));
+        // After the wait, one more failure is allowed (a NoMatch this time)
+        // and then the lockout again.
+        seen.push(format!(
+            "{:?}",
+            verify_with(&store, "alice", &impostor, &key)
+        ));
+        seen.push(format!("{:?}", verify_with(&store, "alice", &alice, &key)));
+        runs.push((seen, verify_outcomes(&store)));
+    }
+    assert_eq!(
+        runs[0], runs[1],
+        "the face behind a wrong key changes nothing"
+    );
+    let (seen, audit) = &runs[0];
+    assert!(
+        seen[..5].iter().all(|s| s == "Err(WrongUserKey)"),
+        "{seen:?}"
+    );
+    assert!(seen[5].starts_with("Err(LockedOut"), "{seen:?}");
+    assert_eq!(seen[6], "Ok(NoMatch)");
+    assert!(seen[7].starts_with("Err(LockedOut"), "{seen:?}");
+    assert_eq!(audit.len(), 8);
+    // Counters survive a restart: the hard limit reached with wrong keys
+    // (50 failures) disables the subject.
+    let f = Fixture::with(k, 8);
+    {
+        let store = f.open();
+        store
+            .enroll_with("alice", emb(&alice), consent(f.now(), 365), &key)
+            .expect("enroll");
+    }
+    for _ in 0..50 {
+        let store = f.open();
+        let _ = verify_with(&store, "alice", &alice, &wrong);
+        f.clock.advance(Duration::from_secs(31));
+    }
+    let store = f.open();
+    assert!(matches!(
+        verify_with(&store, "alice", &alice, &key),
+        Err(Error::VerificationDisabled)
+    ));
+    store
+        .reset_attempts("alice")
+        .expect("operator reset, no key");
+    assert_eq!(
+        verify_with(&store, "alice", &alice, &key).expect("verify"),
+        Decision::Match
+    );
+}
+
+/// Retention works without the key: a split subject past its consent
+/// expiry or its inactivity limit is destroyed by the sweep.
+fn retention_without_the_key(k: Kind) {
+    let f = Fixture::with(k, 8);
+    let store = f.open();
+    let mut rng = Rng(23);
+    let (a, b) = (rng.unit(DIM), rng.unit(DIM));
+    let key = user_key(6);
+    store
+        .enroll_with("short", emb(&a), consent(f.now(), 10), &key)
+        .expect("enroll");
+    store
+        .enroll_with("long", emb(&b), consent(f.now(), 365), &key)
+        .expect("enroll");
+    f.clock.advance(DAY * 11);
+    let report = store.sweep().expect("sweep");
+    assert_eq!(report.expired, 1);
+    assert!(matches!(
+        verify_with(&store, "short", &a, &key),
+        Err(Error::NotEnrolled)
+    ));
+    assert_eq!(
+        verify_with(&store, "long", &b, &key).expect("verify"),
+        Decision::Match
+    );
+}
+
+/// An altered templates section is Tampered (the payload's digest), not a
+/// wrong key, and costs no attempt; a wrong key is never Tampered.
+fn tampered_templates_are_not_a_wrong_key(k: Kind) {
+    let f = Fixture::with(k, 8);
+    let mut rng = Rng(24);
+    let alice = rng.unit(DIM);
+    let key = user_key(7);
+    {
+        let store = f.open();
+        store
+            .enroll_with("alice", emb(&alice), consent(f.now(), 365), &key)
+            .expect("enroll");
+    }
+    let (rk, rec) = f
+        .raw_rows("records")
+        .into_iter()
+        .find(|(k, v)| k.first() == Some(&b'S') && v.len() > 200)
+        .expect("the record");
+    // version 1 | payload length 4 | payload | templates length 4 | templates | state
+    let l = u32::from_be_bytes(rec[1..5].try_into().expect("4")) as usize;
+    let t_at = 5 + l;
+    let t = u32::from_be_bytes(rec[t_at..t_at + 4].try_into().expect("4")) as usize;
+    assert!(
+        t > 2 * DIM,
+        "the templates live in their own section ({t} bytes)"
+    );
+    let mut bad = rec.clone();
+    bad[t_at + 4 + t / 2] ^= 1;
+    f.raw_put("records", &rk, Some(&bad));
+    let store = f.open();
+    assert!(matches!(
+        verify_with(&store, "alice", &alice, &key),
+        Err(Error::Tampered { .. })
+    ));
+    drop(store);
+    f.raw_put("records", &rk, Some(&rec));
+    let store = f.open();
+    assert_eq!(
+        verify_with(&store, "alice", &alice, &key).expect("verify"),
+        Decision::Match
+    );
+}
+
+/// With key epochs: a roll re-seals the keyring and the split subject still
+/// opens with its key; a backup restored after a user-key change removes
+/// that subject (the change is in the revocation ledger), while an
+/// unchanged split subject comes back, still needing its key.
+fn across_epochs_and_restore(k: Kind) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = dir.path();
+    let keys = dir.join("keys");
+    std::fs::create_dir_all(&keys).expect("key dir");
+    let config = |data: &std::path::Path| {
+        let provider = FileEpochProvider::open(keys.join("bioseal.epochs")).expect("epochs");
+        bioseal::StoreConfig::new(data, provider)
+            .key_dir(&keys)
+            .model(MODEL, DIM)
+            .threshold(bioseal::Threshold::cosine(0.5))
+            .buckets(4)
+    };
+    let data = match k {
+        Kind::Sled => dir.join("data"),
+        Kind::Postgres => std::path::PathBuf::from(pg::fresh_database()),
+    };
+    let now = bioseal::Clock::now(&bioseal::SystemClock);
+    let mut rng = Rng(25);
+    let (a, b) = (rng.unit(DIM), rng.unit(DIM));
+    let (key, new) = (user_key(8), user_key(9));
+    {
+        let store = Store::open(config(&data)).expect("open");
+        store
+            .enroll_with("a", emb(&a), consent(now, 365), &key)
+            .expect("enroll");
+        store
+            .enroll_with("b", emb(&b), consent(now, 365), &key)
+            .expect("enroll");
+        store.roll_epoch().expect("roll");
+        assert_eq!(
+            verify_with(&store, "a", &a, &key).expect("verify"),
+            Decision::Match
+        );
+        store.backup(dir.join("backup")).expect("backup");
+        store.rekey("a", &key, &new).expect("rekey");
+        assert_eq!(
+            verify_with(&store, "a", &a, &new).expect("verify"),
+            Decision::Match
+        );
+    }
+    // The disaster: the data is lost, the key directory survives.
+    match k {
+        Kind::Sled => std::fs::remove_dir_all(&data).expect("lose the data"),
+        Kind::Postgres => pg::client(&data.to_string_lossy())
+            .batch_execute(
+                "DELETE FROM bioseal.records; DELETE FROM bioseal.keys; \
+                 DELETE FROM bioseal.meta; DELETE FROM bioseal.audit;",
+            )
+            .expect("lose the data"),
+    }
+    let (store, report) = Store::restore(dir.join("backup"), config(&data)).expect("restore");
+    assert_eq!(report.replayed, 1);
+    for kk in [&key, &new] {
+        assert!(matches!(
+            verify_with(&store, "a", &a, kk),
+            Err(Error::NotEnrolled)
+        ));
+    }
+    assert!(matches!(
+        verify_with(&store, "b", &b, &new),
+        Err(Error::WrongUserKey)
+    ));
+    assert_eq!(
+        verify_with(&store, "b", &b, &key).expect("verify"),
+        Decision::Match
+    );
+    store.roll_epoch().expect("roll after restore");
+    assert_eq!(
+        verify_with(&store, "b", &b, &key).expect("verify"),
+        Decision::Match
+    );
+}
+
+on_both_backends!(
+    split_subject_lifecycle,
+    wrong_keys_count_and_never_tell_the_face,
+    retention_without_the_key,
+    tampered_templates_are_not_a_wrong_key,
+    across_epochs_and_restore,
+);
