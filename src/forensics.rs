@@ -29,6 +29,13 @@ impl SealedBox {
         AeadKey::new(key).open(&self.aad, &self.sealed).is_ok()
     }
 
+    /// The plaintext, if `key` opens this ciphertext: what an adversary
+    /// holding that key reads (the split-custody test searches the
+    /// operator's decrypted payloads for anything that opens templates).
+    pub fn open_with(&self, key: &[u8; 32]) -> Option<zeroize::Zeroizing<Vec<u8>>> {
+        AeadKey::new(key).open(&self.aad, &self.sealed).ok()
+    }
+
     /// The raw sealed bytes (`nonce || ct || tag`), as found on disk.
     pub fn sealed_bytes(&self) -> &[u8] {
         &self.sealed

@@ -432,3 +432,189 @@ on_both_backends!(
     tampered_templates_are_not_a_wrong_key,
     across_epochs_and_restore,
 );
+
+/// Every distinct 32-byte window of every file below `dir`.
+fn windows(dir: &std::path::Path, into: &mut std::collections::HashSet<[u8; 32]>) -> usize {
+    let mut bytes = 0;
+    for (_, data) in read_all_files(dir) {
+        bytes += data.len();
+        for w in data.windows(32) {
+            into.insert(w.try_into().expect("32"));
+        }
+    }
+    bytes
+}
+
+/// The adversary "operator with every key" (SECURITY.md §17): with the
+/// epoch root key, the keyring and every KEK in it, the subject's DEK and
+/// its server half, and every file of the data directory, the key
+/// directory and a backup, a split subject's templates do not open. Every
+/// 32-byte window of every file and every operator-held key is tried as
+/// the template key itself, as the user key combined with the real server
+/// half through the HKDF the code uses, and as the server half combined
+/// with each operator-held key. Positive controls: the real user key opens
+/// them, today's and the backup's; a user key planted in a file is found.
+#[test]
+fn the_operator_with_every_key_opens_no_split_template() {
+    use bioseal::forensics::{backup_subject_records, keyring_keks, subject_records};
+    use std::collections::HashSet;
+    let f = Fixture::with(Kind::Sled, 4);
+    let epochs = f.secrets.path().join("bioseal.epochs");
+    let config = || {
+        f.config_with(
+            f.data.path(),
+            FileEpochProvider::open(&epochs).expect("epochs"),
+        )
+    };
+    let mut rng = Rng(26);
+    let victim = rng.unit(DIM);
+    let key = user_key(10);
+    let backup = tempfile::tempdir().expect("tempdir");
+    let (dek, half) = {
+        let store = Store::open(config()).expect("open");
+        store
+            .enroll_with("victim", emb(&victim), consent(f.now(), 365), &key)
+            .expect("enroll");
+        for i in 0..10 {
+            let v = rng.unit(DIM);
+            if i % 2 == 0 {
+                store
+                    .enroll(&format!("server-{i}"), emb(&v), consent(f.now(), 365))
+                    .expect("enroll");
+            } else {
+                store
+                    .enroll_with(
+                        &format!("split-{i}"),
+                        emb(&v),
+                        consent(f.now(), 365),
+                        &user_key(40 + i),
+                    )
+                    .expect("enroll");
+            }
+        }
+        // Older record versions in the files: a match, a NoMatch (re-keyed),
+        // a wrong key (re-keyed), a template added, a consent renewal.
+        let probe = rng.noisy(&victim, 0.3);
+        assert_eq!(
+            verify_with(&store, "victim", &probe, &key).expect("verify"),
+            Decision::Match
+        );
+        let other = rng.unit(DIM);
+        assert_eq!(
+            verify_with(&store, "victim", &other, &key).expect("verify"),
+            Decision::NoMatch
+        );
+        assert!(matches!(
+            verify_with(&store, "victim", &victim, &user_key(11)),
+            Err(Error::WrongUserKey)
+        ));
+        let more = rng.noisy(&victim, 0.5);
+        assert_eq!(
+            store
+                .add_template_with("victim", &IDV, emb(&probe), emb(&more), &key)
+                .expect("add"),
+            Decision::Match
+        );
+        store
+            .renew_consent("victim", consent(f.now(), 300))
+            .expect("renew");
+        store.backup(backup.path().join("b")).expect("backup");
+        let dek = bioseal::__test::dek(&store, "victim").expect("dek");
+        let half = bioseal::__test::split_half(&store, "victim")
+            .expect("half")
+            .expect("split custody");
+        (dek, half)
+    };
+
+    // The victim's sealed templates, today's and the backup's.
+    let scratch = tempfile::tempdir().expect("tempdir");
+    copy_dir(f.data.path(), scratch.path());
+    let today = subject_records(scratch.path()).expect("records");
+    let backed = backup_subject_records(backup.path().join("b")).expect("backup records");
+    let pseudonym = {
+        let splits: Vec<_> = today.iter().filter(|r| r.templates.is_some()).collect();
+        assert_eq!(splits.len(), 6, "six split subjects");
+        assert_eq!(today.len() - splits.len(), 5, "five in server custody");
+        // The victim is the split subject whose key derivation with the
+        // real half and key opens its templates (positive control).
+        splits
+            .iter()
+            .find(|r| {
+                r.templates
+                    .as_ref()
+                    .is_some_and(|t| t.opens_with(&r.split_key(&half, &key_bytes(10))))
+            })
+            .expect("the real user key opens the victim's templates")
+            .pseudonym
+    };
+    let targets: Vec<_> = today
+        .iter()
+        .chain(&backed)
+        .filter(|r| r.pseudonym == pseudonym)
+        .collect();
+    assert_eq!(targets.len(), 2, "today's record and the backup's");
+    for r in &targets {
+        assert!(
+            r.payload.opens_with(&dek),
+            "the operator's DEK opens the payload"
+        );
+        let t = r.templates.as_ref().expect("split");
+        assert!(t.opens_with(&r.split_key(&half, &key_bytes(10))));
+    }
+
+    // Everything the operator holds: every window of every file, and the
+    // keys those files yield (the epoch root key, every KEK of the
+    // keyring), the DEK and the server half.
+    let mut cands = HashSet::new();
+    let mut scanned = 0;
+    for dir in [f.data.path(), f.secrets.path(), backup.path()] {
+        scanned += windows(dir, &mut cands);
+    }
+    let keyring = std::fs::read(f.secrets.path().join("bioseal.keyring")).expect("keyring");
+    let keks: Vec<[u8; 32]> = cands
+        .iter()
+        .find_map(|w| keyring_keks(&keyring, w))
+        .expect("the epoch file holds the root key that opens the keyring")
+        .iter()
+        .map(|k| **k)
+        .collect();
+    assert!(keks.len() >= 4, "{} KEKs", keks.len());
+    let mut held: Vec<[u8; 32]> = keks;
+    held.push(dek);
+    held.push(half);
+    // The root key is a window of the epoch file, already a candidate.
+    cands.extend(held.iter().copied());
+    // And every window of what the DEK decrypts: the payloads (consent,
+    // server half, count, digest), today's and the backup's.
+    for r in &targets {
+        let plain = r.payload.open_with(&dek).expect("payload");
+        assert!(
+            plain.windows(32).any(|w| w == half),
+            "the half is in the payload"
+        );
+        for w in plain.windows(32) {
+            cands.insert(w.try_into().expect("32"));
+        }
+    }
+    let opens = |w: &[u8; 32]| {
+        targets.iter().any(|r| {
+            let t = r.templates.as_ref().expect("split");
+            t.opens_with(w)
+                || t.opens_with(&r.split_key(&half, w))
+                || held.iter().any(|k| t.opens_with(&r.split_key(w, k)))
+        })
+    };
+    let opened = cands.iter().filter(|w| opens(w)).count();
+    assert_eq!(
+        opened, 0,
+        "a byte string the operator holds opens a split template"
+    );
+    // Positive control of the scan itself: the user key, had it been stored
+    // anywhere, would have been found.
+    assert!(opens(&key_bytes(10)));
+    eprintln!(
+        "split custody scan: {scanned} bytes, {} distinct candidates, {} operator keys, none opens",
+        cands.len(),
+        held.len()
+    );
+}
