@@ -813,3 +813,116 @@ fn a_root_key_store_moves_to_epoch_keys_from_the_cli() {
     let o = cli.run_with_key_kind(&root, false, &["stats"]);
     assert_error(&o, 7, "key unavailable");
 }
+
+/// Split custody from the CLI: `--user-key FILE` (32 raw bytes or 64 hex
+/// digits) on enroll, verify and add-template; `rekey`; a missing or wrong
+/// key exits 12, a malformed key file 3.
+#[test]
+fn split_custody_from_the_cli() {
+    let cli = Cli::new();
+    cli.init();
+    let mut rng = Rng(78);
+    let v = rng.unit(DIM);
+    let e = cli.json("alice.json", &v);
+    let close = cli.json("close.json", &rng.noisy(&v, 0.2));
+    let ev = cli.file("release.pdf", b"signed consent release");
+    let raw: Vec<u8> = (0u8..32)
+        .map(|i| i.wrapping_mul(37).wrapping_add(11))
+        .collect();
+    let key_raw = cli.file("user.key", &raw);
+    let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let key_hex = cli.file("user.hex", format!("{hex}\n").as_bytes());
+    let wrong = cli.file(
+        "wrong.key",
+        &[7u8; 31].iter().chain(&[8u8]).copied().collect::<Vec<_>>(),
+    );
+    let new = cli.file("new.hex", format!("{}cd", "ab".repeat(31)).as_bytes());
+    let o = cli.run(&[
+        "enroll",
+        "--subject",
+        "alice",
+        "--embedding",
+        &e,
+        "--purpose",
+        "identity-verification",
+        "--expires",
+        "365d",
+        "--evidence",
+        &ev,
+        "--user-key",
+        &key_raw,
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stdout.contains("split custody"), "{}", o.stdout);
+    let verify = |key: Option<&str>| {
+        let mut args = vec![
+            "verify",
+            "--subject",
+            "alice",
+            "--purpose",
+            "identity-verification",
+            "--embedding",
+            &close,
+        ];
+        if let Some(k) = key {
+            args.extend(["--user-key", k]);
+        }
+        cli.run(&args)
+    };
+    // The same key as raw bytes and as hex.
+    for k in [&key_raw, &key_hex] {
+        let o = verify(Some(k));
+        assert_eq!((o.code, o.stdout.trim()), (0, "match"), "{}", o.stderr);
+    }
+    assert_error(&verify(None), 12, "wrong or missing user key");
+    assert_error(&verify(Some(&wrong)), 12, "wrong or missing user key");
+    let bad = cli.file("bad.key", b"not a key");
+    assert_error(&verify(Some(&bad)), 3, "invalid user key");
+    // A template added with the key.
+    let added = cli.json("added.json", &rng.noisy(&v, 0.3));
+    let o = cli.run(&[
+        "add-template",
+        "--subject",
+        "alice",
+        "--purpose",
+        "identity-verification",
+        "--probe",
+        &close,
+        "--embedding",
+        &added,
+        "--user-key",
+        &key_hex,
+    ]);
+    assert_eq!((o.code, o.stdout.trim()), (0, "added"), "{}", o.stderr);
+    // Rekey: a wrong current key is refused, then the change; the old key
+    // no longer opens.
+    let o = cli.run(&[
+        "rekey",
+        "--subject",
+        "alice",
+        "--user-key",
+        &wrong,
+        "--new-user-key",
+        &new,
+    ]);
+    assert_error(&o, 12, "wrong or missing user key");
+    let o = cli.run(&[
+        "rekey",
+        "--subject",
+        "alice",
+        "--user-key",
+        &key_raw,
+        "--new-user-key",
+        &new,
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_error(&verify(Some(&key_raw)), 12, "wrong or missing user key");
+    let o = verify(Some(&new));
+    assert_eq!((o.code, o.stdout.trim()), (0, "match"), "{}", o.stderr);
+    // Consent and revoke need no key.
+    let o = cli.run(&["consent", "show", "--subject", "alice"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let o = cli.run(&["revoke", "--subject", "alice"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_error(&verify(Some(&new)), 4, "not enrolled");
+}

@@ -216,6 +216,15 @@ pub(crate) fn when(t: Timestamp) -> String {
     )
 }
 
+/// A user key file (`--user-key`): 32 raw bytes or 64 hexadecimal digits.
+/// The bytes read are wiped.
+pub(crate) fn read_user_key(path: &Path) -> R<bioseal::UserKey> {
+    let bytes = zeroize::Zeroizing::new(
+        std::fs::read(path).map_err(|e| input(format!("{}: {e}", path.display())))?,
+    );
+    bioseal::UserKey::parse(&bytes).map_err(|e| input(format!("{}: {e}", path.display())))
+}
+
 pub(crate) fn sha256_file(path: &Path) -> R<[u8; 32]> {
     let bytes = std::fs::read(path).map_err(|e| input(format!("{}: {e}", path.display())))?;
     let d = ring::digest::digest(&ring::digest::SHA256, &bytes);

@@ -132,8 +132,13 @@ pub(crate) enum Command {
         evidence: Option<PathBuf>,
         /// Bulk enrollment: one JSON object per line with `subject`,
         /// `embedding`, `purposes`, `expires` and `evidence_sha256` (hex).
-        #[arg(long, conflicts_with_all = ["subject", "embedding"])]
+        #[arg(long, conflicts_with_all = ["subject", "embedding", "user_key"])]
         jsonl: Option<PathBuf>,
+        /// Enroll in split custody: the templates open only with this user
+        /// key (a file of 32 raw bytes or 64 hexadecimal digits), which
+        /// bioseal never stores (SECURITY.md §17).
+        #[arg(long = "user-key", value_name = "FILE")]
+        user_key: Option<PathBuf>,
     },
     /// Verify a probe: prints `match` (exit 0) or `no-match` (exit 1).
     Verify {
@@ -143,6 +148,10 @@ pub(crate) enum Command {
         purpose: String,
         #[arg(long)]
         embedding: PathBuf,
+        /// Split custody: the person's user key, a file of 32 raw bytes or
+        /// 64 hexadecimal digits (see SECURITY.md §17).
+        #[arg(long = "user-key", value_name = "FILE")]
+        user_key: Option<PathBuf>,
     },
     /// Add a template to an enrolled subject, only after a fresh probe
     /// matches (the attempt counts under the lockout): prints `added`
@@ -158,6 +167,22 @@ pub(crate) enum Command {
         /// The template to add.
         #[arg(long)]
         embedding: PathBuf,
+        /// Split custody: the person's user key, a file of 32 raw bytes or
+        /// 64 hexadecimal digits (see SECURITY.md §17).
+        #[arg(long = "user-key", value_name = "FILE")]
+        user_key: Option<PathBuf>,
+    },
+    /// Change a split-custody subject's user key (a wrong current key counts
+    /// as a failed attempt).
+    Rekey {
+        #[arg(long)]
+        subject: String,
+        /// The current user key (32 raw bytes or 64 hexadecimal digits).
+        #[arg(long = "user-key", value_name = "FILE")]
+        user_key: PathBuf,
+        /// The new user key.
+        #[arg(long = "new-user-key", value_name = "FILE")]
+        new_user_key: PathBuf,
     },
     /// Re-enable a subject disabled after too many failures (audited).
     ResetAttempts {
@@ -282,7 +307,10 @@ impl From<Error> for Fail {
             | Error::InvalidConsent(_)
             | Error::InvalidSubject
             | Error::TooManyTemplates { .. }
+            | Error::NotSplitCustody
+            | Error::InvalidUserKey(_)
             | Error::Config(_) => 3,
+            Error::WrongUserKey => 12,
             Error::NotEnrolled => 4,
             Error::AlreadyEnrolled | Error::BucketFull { .. } => 3,
             Error::PurposeNotConsented | Error::ConsentExpired | Error::RetentionExpired => 5,
@@ -338,18 +366,28 @@ fn run(cli: Cli) -> R<u8> {
             expires,
             evidence,
             jsonl,
-        } => subjects::enroll(c, subject, embedding, purposes, expires, evidence, jsonl),
+            user_key,
+        } => subjects::enroll(
+            c, subject, embedding, purposes, expires, evidence, jsonl, user_key,
+        ),
         Command::Verify {
             subject,
             purpose,
             embedding,
-        } => subjects::verify(c, subject, purpose, embedding),
+            user_key,
+        } => subjects::verify(c, subject, purpose, embedding, user_key),
         Command::AddTemplate {
             subject,
             purpose,
             probe,
             embedding,
-        } => subjects::add_template(c, subject, purpose, probe, embedding),
+            user_key,
+        } => subjects::add_template(c, subject, purpose, probe, embedding, user_key),
+        Command::Rekey {
+            subject,
+            user_key,
+            new_user_key,
+        } => subjects::rekey(c, subject, user_key, new_user_key),
         Command::ResetAttempts { subject } => subjects::reset_attempts(c, subject),
         Command::Revoke { subject } => subjects::revoke(c, subject),
         Command::Consent { action } => subjects::consent_cmd(c, action),

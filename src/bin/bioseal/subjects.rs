@@ -66,6 +66,7 @@ pub(crate) fn init(cli: &Cli, model: &str, dim: &usize, threshold: &f32, buckets
 }
 
 /// `bioseal enroll`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn enroll(
     cli: &Cli,
     subject: &Option<String>,
@@ -74,6 +75,7 @@ pub(crate) fn enroll(
     expires: &Option<String>,
     evidence: &Option<PathBuf>,
     jsonl: &Option<PathBuf>,
+    user_key: &Option<PathBuf>,
 ) -> R<u8> {
     if let Some(path) = jsonl {
         return bulk_enroll(cli, path);
@@ -86,19 +88,39 @@ pub(crate) fn enroll(
     let settings = read_settings(&settings_dir(cli)?)?;
     let emb = read_embedding(embedding, settings.dim)?;
     let consent = consent_from(purposes, expires, &sha256_file(evidence)?)?;
+    let user_key = user_key.as_deref().map(read_user_key).transpose()?;
     let (store, _) = open_with(cli, settings)?;
-    store.enroll(subject, emb, consent)?;
-    println!("enrolled {subject}");
+    match &user_key {
+        Some(k) => {
+            store.enroll_with(subject, emb, consent, k)?;
+            println!("enrolled {subject} (split custody: the user key is needed to verify)");
+        }
+        None => {
+            store.enroll(subject, emb, consent)?;
+            println!("enrolled {subject}");
+        }
+    }
     Ok(0)
 }
 
 /// `bioseal verify`: exit 0 on `match`, 1 on `no-match`.
-pub(crate) fn verify(cli: &Cli, subject: &str, purpose: &str, embedding: &Path) -> R<u8> {
+pub(crate) fn verify(
+    cli: &Cli,
+    subject: &str,
+    purpose: &str,
+    embedding: &Path,
+    user_key: &Option<PathBuf>,
+) -> R<u8> {
     let settings = read_settings(&settings_dir(cli)?)?;
     let probe = read_embedding(embedding, settings.dim)?;
     let purpose = Purpose::new(purpose.to_owned()).map_err(|e| input(e.to_string()))?;
+    let user_key = user_key.as_deref().map(read_user_key).transpose()?;
     let (store, _) = open_with(cli, settings)?;
-    match store.verify(subject, &purpose, probe)? {
+    let decision = match &user_key {
+        Some(k) => store.verify_with(subject, &purpose, probe, k)?,
+        None => store.verify(subject, &purpose, probe)?,
+    };
+    match decision {
         Decision::Match => {
             println!("match");
             Ok(0)
@@ -117,13 +139,19 @@ pub(crate) fn add_template(
     purpose: &str,
     probe: &Path,
     embedding: &Path,
+    user_key: &Option<PathBuf>,
 ) -> R<u8> {
     let settings = read_settings(&settings_dir(cli)?)?;
     let probe = read_embedding(probe, settings.dim)?;
     let new = read_embedding(embedding, settings.dim)?;
     let purpose = Purpose::new(purpose.to_owned()).map_err(|e| input(e.to_string()))?;
+    let user_key = user_key.as_deref().map(read_user_key).transpose()?;
     let (store, _) = open_with(cli, settings)?;
-    match store.add_template(subject, &purpose, probe, new)? {
+    let decision = match &user_key {
+        Some(k) => store.add_template_with(subject, &purpose, probe, new, k)?,
+        None => store.add_template(subject, &purpose, probe, new)?,
+    };
+    match decision {
         Decision::Match => {
             println!("added");
             Ok(0)
@@ -133,6 +161,15 @@ pub(crate) fn add_template(
             Ok(1)
         }
     }
+}
+
+/// `bioseal rekey`: change a split-custody subject's user key.
+pub(crate) fn rekey(cli: &Cli, subject: &str, old: &Path, new: &Path) -> R<u8> {
+    let (old, new) = (read_user_key(old)?, read_user_key(new)?);
+    let (store, _) = open(cli)?;
+    store.rekey(subject, &old, &new)?;
+    println!("changed the user key of {subject}; the old key opens nothing any more");
+    Ok(0)
 }
 
 /// `bioseal reset-attempts`.
