@@ -3,7 +3,9 @@
 //! - verify (genuine, hot cache) with group commit (the default) against
 //!   verify with `Durability::Immediate` (an fdatasync per call), showing
 //!   what group-committing the audit log saves;
-//! - enroll (durable) against a bare `sled` insert + flush of the same size.
+//! - enroll (durable) against a bare `sled` insert + flush of the same size;
+//! - a split-custody subject's verify against a server-custody subject's,
+//!   in the same store (`verify_custody`).
 //!
 //! `cargo bench --bench store`. The peer comparison (SQLCipher) is issue 5.
 
@@ -64,6 +66,16 @@ fn bench(c: &mut Criterion) {
     }
     g.finish();
 
+    // Split custody against server custody, in the same store and group:
+    // the key derivation, the second open and the separate sections are
+    // all a split subject's verify adds.
+    let mut g = c.benchmark_group("verify_custody");
+    g.measurement_time(Duration::from_secs(5));
+    let store = open(dir.path(), Durability::default());
+    custody(&mut g, &store);
+    g.finish();
+    drop(store);
+
     let mut g = c.benchmark_group("enroll_durable");
     g.measurement_time(Duration::from_secs(5));
     {
@@ -93,6 +105,45 @@ fn bench(c: &mut Criterion) {
         })
     });
     g.finish();
+}
+
+/// `verify_custody/server` and `verify_custody/split` on one store.
+fn custody(g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>, store: &Store) {
+    let key = |i: usize| {
+        let mut b = [0u8; 32];
+        b[0] = 1;
+        b[1] = i as u8;
+        b[2..10].copy_from_slice(&(i as u64).to_le_bytes());
+        bioseal::UserKey::from_bytes(b).expect("key")
+    };
+    let keys: Vec<bioseal::UserKey> = (0..64).map(key).collect();
+    for (i, k) in keys.iter().enumerate() {
+        let id = format!("k{i}");
+        if let Err(e) = store.enroll_with(&id, Embedding::new(unit(i as u64)), consent(), k) {
+            assert!(matches!(e, bioseal::Error::AlreadyEnrolled), "{e}");
+        }
+    }
+    let probes: Vec<Vec<f32>> = (0..64).map(|i| unit(i as u64)).collect();
+    for (name, prefix) in [("server", "s"), ("split", "k")] {
+        let mut i = 0usize;
+        g.bench_function(name, |b| {
+            b.iter_batched(
+                || {
+                    i = (i + 1) % probes.len();
+                    (i, format!("{prefix}{i}"), Embedding::from_slice(&probes[i]))
+                },
+                |(i, s, e)| {
+                    let d = if prefix == "k" {
+                        store.verify_with(&s, &Purpose::IDENTITY_VERIFICATION, e, &keys[i])
+                    } else {
+                        store.verify(&s, &Purpose::IDENTITY_VERIFICATION, e)
+                    };
+                    assert_eq!(d.expect("verify"), bioseal::Decision::Match);
+                },
+                BatchSize::SmallInput,
+            )
+        });
+    }
 }
 
 criterion_group!(benches, bench);

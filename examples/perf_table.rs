@@ -63,6 +63,61 @@ fn row(name: &str, ours: (Duration, Duration), peer: (Duration, Duration)) {
     );
 }
 
+/// Split custody (issue 14) against server custody, same store, same run:
+/// `ops` split-custody subjects enrolled with their user keys and verified
+/// once (hot), then each loop step times a server-custody verify and a
+/// split-custody verify, alternating, so that drift in the machine's speed
+/// falls on both alike.
+fn split_custody_row(store: &Store, ops: usize) -> Result<(), Error> {
+    let key = |i: usize| {
+        let mut b = [0u8; 32];
+        b[0] = 0xa5;
+        b[1..9].copy_from_slice(&(i as u64).to_le_bytes());
+        bioseal::UserKey::from_bytes(b)
+    };
+    let keys = (0..ops).map(key).collect::<Result<Vec<_>, _>>()?;
+    for (i, k) in keys.iter().enumerate() {
+        store.enroll_with(
+            &format!("k{i}"),
+            Embedding::new(unit(i as u64)),
+            consent(),
+            k,
+        )?;
+        let _ = store.verify_with(
+            &format!("k{i}"),
+            &Purpose::IDENTITY_VERIFICATION,
+            Embedding::new(unit(i as u64)),
+            k,
+        )?;
+    }
+    let (mut server, mut split) = (Vec::with_capacity(ops), Vec::with_capacity(ops));
+    for (i, k) in keys.iter().enumerate() {
+        let (s_id, k_id) = (format!("s{i}"), format!("k{i}"));
+        let (a, b) = (
+            Embedding::new(unit(i as u64)),
+            Embedding::new(unit(i as u64)),
+        );
+        let t = Instant::now();
+        let d = store.verify(&s_id, &Purpose::IDENTITY_VERIFICATION, a);
+        server.push(t.elapsed());
+        assert!(matches!(d, Ok(bioseal::Decision::Match)), "{d:?}");
+        let t = Instant::now();
+        let d = store.verify_with(&k_id, &Purpose::IDENTITY_VERIFICATION, b, k);
+        split.push(t.elapsed());
+        assert!(matches!(d, Ok(bioseal::Decision::Match)), "{d:?}");
+    }
+    let (server, split) = (stats(server), stats(split));
+    println!(
+        "| verify (hot, split)    | {:>10} | {:>10} | server custody, interleaved: p50 {}, p99 {}; split - server p50 {:+.2} µs |",
+        us(split.0),
+        us(split.1),
+        us(server.0),
+        us(server.1),
+        (split.0.as_secs_f64() - server.0.as_secs_f64()) * 1e6
+    );
+    Ok(())
+}
+
 fn main() -> Result<(), Error> {
     if let Ok(kind) = std::env::var("BIOSEAL_PERF_WORKER") {
         return perf_shared::worker(&kind);
@@ -180,6 +235,7 @@ fn main() -> Result<(), Error> {
         timed(&mut || assert_eq!(p.verify(&id, &v).ok().flatten(), Some(true)))
     });
     row("verify (hot)", v_ours, v_peer);
+    split_custody_row(&store, ops)?;
     // A failed verify (an impostor probe against subjects ops..2*ops, one
     // failure each: bioseal re-keys the subject and rotates its bucket; the
     // peer writes its audit row) and an unknown subject (bioseal's decoy

@@ -24,6 +24,38 @@
 //! - `POST /reset` `{subject}` → 200 (re-enables a subject disabled after
 //!   too many failures)
 //!
+//! Split custody (SECURITY.md §17): an optional `user_key` field (64 hex
+//! digits) on `/enroll`, `/verify` and `/add-template` enrolls and verifies
+//! a subject whose templates only that key opens; a wrong or missing key is
+//! 401 `{"error": "wrong or missing user key ..."}` and counts as a failed
+//! attempt. `POST /rekey` `{subject, user_key, new_user_key}` → 200 changes it
+//! (the person's request: no operator token).
+//!
+//! Where the user key comes from — a passkey's WebAuthn PRF extension, on
+//! the person's device:
+//! 1. Registration: the page creates the passkey with
+//!    `navigator.credentials.create({publicKey: {..., extensions: {prf: {}}}})`
+//!    and checks `getClientExtensionResults().prf.enabled`.
+//! 2. Enrollment and every verification: the page asks for an assertion with
+//!    `navigator.credentials.get({publicKey: {challenge, allowCredentials:
+//!    [credential], extensions: {prf: {eval: {first: SALT}}}}})`, where SALT
+//!    is this service's fixed 32 bytes (for example SHA-256 of
+//!    "example.com bioseal user key v1"). The authenticator returns
+//!    `getClientExtensionResults().prf.results.first`: 32 bytes, an HMAC
+//!    under a secret that never leaves it, the same every time for this
+//!    passkey and SALT (and on every device the passkey syncs to). The page
+//!    sends them hex-encoded as `user_key`, over TLS, with the selfie's
+//!    embedding; the server checks the assertion (signature, challenge,
+//!    origin) before it calls bioseal, and keeps the key for that request
+//!    only.
+//! 3. Changing the key (a new passkey, or a new SALT): evaluate both, old as
+//!    `first` and new as `second` (or two assertions), and `POST /rekey`.
+//!    Losing the passkey loses the template: the person enrolls again.
+//!
+//! The service sees the user key during every such request: split custody
+//! protects the templates at rest and in every copy, not from a
+//! compromised service at the moment the person verifies (SECURITY.md §17).
+//!
 //! A real deployment puts more in front of this: TLS; operator credentials
 //! per person from an identity provider, not one shared token; proof that
 //! an enrollment comes from a checked ID document and a live capture
@@ -40,7 +72,7 @@ use axum::routing::post;
 use axum::Router;
 use bioseal::{
     Consent, Decision, Embedding, Error, Purpose, RootKey, ShredStatus, Store, StoreConfig,
-    Threshold, Timestamp,
+    Threshold, Timestamp, UserKey,
 };
 use serde::Deserialize;
 use std::sync::Arc;
@@ -60,6 +92,8 @@ pub struct AddTemplateRequest {
     purpose: String,
     probe: Vec<f32>,
     embedding: Vec<f32>,
+    /// Split custody: the person's user key, 64 hex digits.
+    user_key: Option<HexKey>,
 }
 
 #[derive(Deserialize)]
@@ -69,6 +103,8 @@ pub struct EnrollRequest {
     purposes: Vec<String>,
     expires_unix: u64,
     evidence_sha256: String,
+    /// Split custody: the person's user key, 64 hex digits.
+    user_key: Option<HexKey>,
 }
 
 #[derive(Deserialize)]
@@ -76,6 +112,15 @@ pub struct VerifyRequest {
     subject: String,
     purpose: String,
     embedding: Vec<f32>,
+    /// Split custody: the person's user key, 64 hex digits.
+    user_key: Option<HexKey>,
+}
+
+#[derive(Deserialize)]
+pub struct RekeyRequest {
+    subject: String,
+    user_key: HexKey,
+    new_user_key: HexKey,
 }
 
 #[derive(Deserialize)]
@@ -95,9 +140,12 @@ impl From<Error> for ApiError {
             Error::ConsentExpired | Error::RetentionExpired => StatusCode::GONE,
             Error::LockedOut { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::VerificationDisabled => StatusCode::LOCKED,
+            Error::WrongUserKey => StatusCode::UNAUTHORIZED,
             Error::InvalidEmbedding(_)
             | Error::InvalidConsent(_)
             | Error::InvalidSubject
+            | Error::InvalidUserKey(_)
+            | Error::NotSplitCustody
             | Error::TooManyTemplates { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -166,6 +214,27 @@ fn hex32(s: &str) -> Result<[u8; 32], ApiError> {
     Ok(out)
 }
 
+/// A user key as it arrives in a request: hex digits in a string wiped on
+/// drop.
+pub struct HexKey(zeroize::Zeroizing<String>);
+
+impl<'de> Deserialize<'de> for HexKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(|s| HexKey(zeroize::Zeroizing::new(s)))
+    }
+}
+
+impl HexKey {
+    fn parse(&self) -> Result<UserKey, ApiError> {
+        Ok(UserKey::parse(self.0.as_bytes())?)
+    }
+}
+
+/// A request's `user_key` field, if any.
+fn user_key(field: &Option<HexKey>) -> Result<Option<UserKey>, ApiError> {
+    field.as_ref().map(HexKey::parse).transpose()
+}
+
 async fn enroll(
     State(st): State<AppState>,
     Json(req): Json<EnrollRequest>,
@@ -179,7 +248,15 @@ async fn enroll(
         .expires_at(Timestamp::from_unix_secs(req.expires_unix))
         .evidence(hex32(&req.evidence_sha256)?);
     let embedding = Embedding::new(req.embedding);
-    blocking(move || Ok(st.store.enroll(&req.subject, embedding, consent)?)).await?;
+    let key = user_key(&req.user_key)?;
+    blocking(move || {
+        match &key {
+            Some(k) => st.store.enroll_with(&req.subject, embedding, consent, k)?,
+            None => st.store.enroll(&req.subject, embedding, consent)?,
+        }
+        Ok(())
+    })
+    .await?;
     Ok((
         StatusCode::CREATED,
         Json(serde_json::json!({ "status": "enrolled" })),
@@ -192,7 +269,14 @@ async fn verify(
 ) -> Result<impl IntoResponse, ApiError> {
     let purpose = purpose(&req.purpose)?;
     let probe = Embedding::new(req.embedding);
-    let d = blocking(move || Ok(st.store.verify(&req.subject, &purpose, probe)?)).await?;
+    let key = user_key(&req.user_key)?;
+    let d = blocking(move || {
+        Ok(match &key {
+            Some(k) => st.store.verify_with(&req.subject, &purpose, probe, k)?,
+            None => st.store.verify(&req.subject, &purpose, probe)?,
+        })
+    })
+    .await?;
     let decision = match d {
         Decision::Match => "match",
         Decision::NoMatch => "no-match",
@@ -206,13 +290,30 @@ async fn add_template(
 ) -> Result<impl IntoResponse, ApiError> {
     let purpose = purpose(&req.purpose)?;
     let (probe, new) = (Embedding::new(req.probe), Embedding::new(req.embedding));
-    let d =
-        blocking(move || Ok(st.store.add_template(&req.subject, &purpose, probe, new)?)).await?;
+    let key = user_key(&req.user_key)?;
+    let d = blocking(move || {
+        Ok(match &key {
+            Some(k) => st
+                .store
+                .add_template_with(&req.subject, &purpose, probe, new, k)?,
+            None => st.store.add_template(&req.subject, &purpose, probe, new)?,
+        })
+    })
+    .await?;
     let decision = match d {
         Decision::Match => "match",
         Decision::NoMatch => "no-match",
     };
     Ok(Json(serde_json::json!({ "decision": decision })))
+}
+
+async fn rekey(
+    State(st): State<AppState>,
+    Json(req): Json<RekeyRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    let (old, new) = (req.user_key.parse()?, req.new_user_key.parse()?);
+    blocking(move || Ok(st.store.rekey(&req.subject, &old, &new)?)).await?;
+    Ok(Json(serde_json::json!({ "status": "rekeyed" })))
 }
 
 async fn reset(
@@ -296,6 +397,7 @@ pub fn app(store: Arc<Store>, operator_token: String) -> Router {
     Router::new()
         .route("/verify", post(verify))
         .route("/add-template", post(add_template))
+        .route("/rekey", post(rekey))
         .merge(operator)
         .layer(axum::middleware::from_fn(log_requests))
         .with_state(state)

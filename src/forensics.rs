@@ -120,7 +120,7 @@ pub(crate) fn subject_records_in(db: &dyn Backend) -> Result<Vec<RawSubjectRecor
             },
             templates: (!rec.templates.is_empty()).then(|| SealedBox {
                 sealed: rec.templates,
-                aad: crate::crypto::custody::templates_aad(&store_id, &p),
+                aad: crate::crypto::custody::templates_aad(&store_id, &p).to_vec(),
             }),
             store_id,
         });

@@ -1,6 +1,7 @@
 //! The verification-service example, started on 127.0.0.1 on a free port
 //! and driven over HTTP by a real client (ureq): enroll, verify, errors mapped
-//! to status codes, lockout with Retry-After, revoke.
+//! to status codes, lockout with Retry-After, revoke; split custody with the
+//! user key as a request field.
 
 mod common;
 #[path = "../examples/verification_service.rs"]
@@ -153,5 +154,47 @@ fn service_maps_the_store_onto_http() {
     let (s, b, _) = post(&base, "/revoke", json!({"subject": "alice"}));
     assert_eq!((s, b["shred"].as_str()), (200, Some("shredded")));
     assert_eq!(verify("alice", "identity-verification", &alice).0, 404);
+
+    // Split custody: the user key as a request field (64 hex digits).
+    let key: String = (0u8..32).map(|i| format!("{:02x}", i * 7 + 3)).collect();
+    let other: String = (0u8..32).map(|i| format!("{:02x}", i * 5 + 1)).collect();
+    let dana = rng.unit(DIM);
+    let (s, _, _) = post(
+        &base,
+        "/enroll",
+        json!({
+            "subject": "dana", "embedding": dana, "purposes": ["identity-verification"],
+            "expires_unix": expires, "evidence_sha256": "ab".repeat(32), "user_key": key,
+        }),
+    );
+    assert_eq!(s, 201);
+    let verify_key = |k: Option<&str>, v: &[f32]| {
+        let mut body =
+            json!({"subject": "dana", "purpose": "identity-verification", "embedding": v});
+        if let Some(k) = k {
+            body["user_key"] = json!(k);
+        }
+        post_as(&base, "/verify", None, body)
+    };
+    let (s, b, _) = verify_key(Some(&key), &rng.noisy(&dana, 0.2));
+    assert_eq!((s, b["decision"].as_str()), (200, Some("match")));
+    let (s, b, _) = verify_key(Some(&other), &dana);
+    assert_eq!(s, 401);
+    assert!(
+        b["error"].as_str().is_some_and(|m| m.contains("user key")),
+        "{b}"
+    );
+    assert_eq!(verify_key(None, &dana).0, 401);
+    assert_eq!(verify_key(Some("abcd"), &dana).0, 422);
+    let (s, _, _) = post_as(
+        &base,
+        "/rekey",
+        None,
+        json!({"subject": "dana", "user_key": key, "new_user_key": other}),
+    );
+    assert_eq!(s, 200);
+    assert_eq!(verify_key(Some(&key), &dana).0, 401);
+    let (s, b, _) = verify_key(Some(&other), &dana);
+    assert_eq!((s, b["decision"].as_str()), (200, Some("match")));
     rt.shutdown_background();
 }

@@ -121,13 +121,21 @@ pub(crate) fn template_key(
     store_id: &[u8; 16],
     p: &Pseudonym,
 ) -> Zeroizing<[u8; 32]> {
-    let info = [b"bioseal/v1/split".as_slice(), store_id, &p.0].concat();
+    // On the stack: this runs on every split-custody verify.
+    let mut info = [0u8; 16 + 16 + 32];
+    info[..16].copy_from_slice(b"bioseal/v1/split");
+    info[16..32].copy_from_slice(store_id);
+    info[32..].copy_from_slice(&p.0);
     super::hkdf32(server_half, user_key, &info)
 }
 
 /// Associated data of a split subject's sealed templates.
-pub(crate) fn templates_aad(store_id: &[u8; 16], p: &Pseudonym) -> Vec<u8> {
-    [b"bioseal/v1/templates".as_slice(), store_id, &p.0].concat()
+pub(crate) fn templates_aad(store_id: &[u8; 16], p: &Pseudonym) -> [u8; 20 + 16 + 32] {
+    let mut aad = [0u8; 20 + 16 + 32];
+    aad[..20].copy_from_slice(b"bioseal/v1/templates");
+    aad[20..36].copy_from_slice(store_id);
+    aad[36..].copy_from_slice(&p.0);
+    aad
 }
 
 /// Seal encoded templates under the template key.

@@ -152,15 +152,28 @@ impl Store {
                 Some(_) => Err(Error::NotSplitCustody),
             };
         };
-        if custody::digest(&l.sealed_templates) != s.digest {
-            return Err(Error::tampered("subject templates (digest)"));
-        }
         let store_id = self.keyring.header().store_id;
         let user = user_key.map_or(&[0u8; 32], UserKey::bytes);
         let k = custody::template_key(&s.server_half, user, &store_id, p);
         match custody::open_templates(&k, &store_id, p, &l.sealed_templates) {
+            // Opened: the section is authentic (the AEAD binds it to the
+            // subject and store; the count to the payload). No digest on
+            // the matching path: it would cost a SHA-256 of the section.
             Some(plain) if user_key.is_some() => decode_templates(&plain, self.dim, s.count),
+            // Not opened: an altered section, or a wrong key; the digest
+            // the payload keeps tells which.
+            _ if custody::digest(&l.sealed_templates) != s.digest => {
+                Err(Error::tampered("subject templates (digest)"))
+            }
             _ => Err(Error::WrongUserKey),
+        }
+    }
+
+    /// The digest a wrong key's check computes, on a split subject's
+    /// `NoMatch`, so that the two cost the same.
+    pub(super) fn split_digest_cost(&self, l: &Loaded) {
+        if l.payload.split.is_some() {
+            let _ = std::hint::black_box(custody::digest(&l.sealed_templates));
         }
     }
 
@@ -204,13 +217,24 @@ impl Store {
     }
 
     /// What a split-custody subject's comparison costs when its templates
-    /// are not opened (a wrong or missing key, a refusal): the key
-    /// derivation and a failed open, and a comparison against as many
-    /// stand-in templates as it holds, the result thrown away.
-    pub(super) fn split_cost(&self, p: &Pseudonym, s: &SplitHalf, sealed: &[u8], probe: &Template) {
-        let store_id = self.keyring.header().store_id;
-        let k = custody::template_key(&s.server_half, &[0u8; 32], &store_id, p);
-        let _ = std::hint::black_box(custody::open_templates(&k, &store_id, p, sealed));
+    /// are not opened, the result thrown away: with `derive` (a refusal,
+    /// which never tries the key) the key derivation, a failed open and the
+    /// digest a wrong key's check computes; always a comparison against as
+    /// many stand-in templates as it holds.
+    pub(super) fn split_cost(
+        &self,
+        p: &Pseudonym,
+        s: &SplitHalf,
+        sealed: &[u8],
+        probe: &Template,
+        derive: bool,
+    ) {
+        if derive {
+            let store_id = self.keyring.header().store_id;
+            let k = custody::template_key(&s.server_half, &[0u8; 32], &store_id, p);
+            let _ = std::hint::black_box(custody::open_templates(&k, &store_id, p, sealed));
+            let _ = std::hint::black_box(custody::digest(sealed));
+        }
         let n = (s.count as usize).min(self.decoy.templates.len());
         let _ = std::hint::black_box(matcher::decide(
             &self.decoy.templates[..n],

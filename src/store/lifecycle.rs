@@ -328,7 +328,7 @@ impl Store {
                 // What a comparison and a `NoMatch` cost, and a failure
                 // counted as a `NoMatch` counts it.
                 if let Some(s) = &l.payload.split {
-                    self.split_cost(p, s, &l.sealed_templates, probe);
+                    self.split_cost(p, s, &l.sealed_templates, probe, false);
                 }
                 self.count_failure(p, b, l, now, guard)?;
                 return Err(Error::WrongUserKey);
@@ -362,6 +362,7 @@ impl Store {
                 }
             }
             Decision::NoMatch => {
+                self.split_digest_cost(&l);
                 self.put_templates(p, &mut l, templates, user_key, false)?;
                 self.count_failure(p, b, l, now, guard)?;
             }

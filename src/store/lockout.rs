@@ -54,7 +54,7 @@ impl Store {
         guard: &BucketGuard<'_>,
     ) -> Result<()> {
         match &l.payload.split {
-            Some(s) => self.split_cost(p, s, &l.sealed_templates, probe),
+            Some(s) => self.split_cost(p, s, &l.sealed_templates, probe, true),
             None => {
                 let _ = std::hint::black_box(matcher::decide(
                     &l.payload.templates,
