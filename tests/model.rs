@@ -2,6 +2,10 @@
 //! model: random sequences of enroll, verify (genuine and impostor), revoke,
 //! renew, withdraw, clock advances, sweep, close+reopen, shred (the KEK
 //! rotation of deferred revocations) and snapshots of the data directory.
+//! Subjects 1 and 3 are in split custody (issue 14): they enroll and verify
+//! with their user key, some verifies give a wrong one (counted as failures),
+//! and `rekey` changes it; a key given for a server-custody subject is
+//! refused.
 //!
 //! After every step: the store's answer equals the model's (exact error
 //! variants), the subject count agrees, and the audit chain verifies. At the
@@ -17,7 +21,7 @@ mod common;
 use bioseal::forensics::subject_records;
 use bioseal::{
     Consent, Decision, Error, ManualClock, Purpose, RootKey, ShredPolicy, Store, StoreConfig,
-    Threshold, Timestamp, Withdrawal,
+    Threshold, Timestamp, UserKey, Withdrawal,
 };
 use common::{copy_dir, read_all_files, Kind, Rng, DAY, DIM, T0};
 use proptest::prelude::*;
@@ -43,15 +47,24 @@ enum Op {
         s: u8,
         template: u8,
         impersonation: bool,
+        wrong_key: bool,
     },
     VerifyImpostor {
         s: u8,
         seed: u8,
+        wrong_key: bool,
     },
     AddTemplate {
         s: u8,
         template: u8,
         seed: u8,
+        wrong_key: bool,
+    },
+    /// Change a split-custody subject's user key (with the wrong current
+    /// key when `wrong_old`).
+    Rekey {
+        s: u8,
+        wrong_old: bool,
     },
     Revoke {
         s: u8,
@@ -79,11 +92,13 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (s.clone(), any::<u8>(), 1u8..40, any::<bool>())
             .prop_map(|(s, seed, days, both_purposes)| Op::Enroll { s, seed, days, both_purposes }),
-        6 => (s.clone(), 0u8..MAX_TEMPLATES as u8, prop::bool::weighted(0.2))
-            .prop_map(|(s, template, impersonation)| Op::VerifyGenuine { s, template, impersonation }),
-        4 => (s.clone(), any::<u8>()).prop_map(|(s, seed)| Op::VerifyImpostor { s, seed }),
-        2 => (s.clone(), 0u8..MAX_TEMPLATES as u8, any::<u8>())
-            .prop_map(|(s, template, seed)| Op::AddTemplate { s, template, seed }),
+        6 => (s.clone(), 0u8..MAX_TEMPLATES as u8, prop::bool::weighted(0.2), prop::bool::weighted(0.15))
+            .prop_map(|(s, template, impersonation, wrong_key)| Op::VerifyGenuine { s, template, impersonation, wrong_key }),
+        4 => (s.clone(), any::<u8>(), prop::bool::weighted(0.15))
+            .prop_map(|(s, seed, wrong_key)| Op::VerifyImpostor { s, seed, wrong_key }),
+        2 => (s.clone(), 0u8..MAX_TEMPLATES as u8, any::<u8>(), prop::bool::weighted(0.15))
+            .prop_map(|(s, template, seed, wrong_key)| Op::AddTemplate { s, template, seed, wrong_key }),
+        1 => (s.clone(), prop::bool::weighted(0.3)).prop_map(|(s, wrong_old)| Op::Rekey { s, wrong_old }),
         2 => s.clone().prop_map(|s| Op::Revoke { s }),
         1 => (s.clone(), 1u8..40, any::<bool>())
             .prop_map(|(s, days, both_purposes)| Op::Renew { s, days, both_purposes }),
@@ -112,6 +127,8 @@ enum Answer {
     Revoked,
     Remaining(usize),
     Swept(usize),
+    WrongKey,
+    NotSplit,
 }
 
 fn out<T>(r: Result<T, Error>, ok: impl FnOnce(T) -> Answer) -> Answer {
@@ -125,6 +142,8 @@ fn out<T>(r: Result<T, Error>, ok: impl FnOnce(T) -> Answer) -> Answer {
         Err(Error::VerificationDisabled) => Answer::Disabled,
         Err(Error::TooManyTemplates { .. }) => Answer::TooMany,
         Err(Error::AlreadyEnrolled) => Answer::AlreadyEnrolled,
+        Err(Error::WrongUserKey) => Answer::WrongKey,
+        Err(Error::NotSplitCustody) => Answer::NotSplit,
         Err(e) => panic!("unexpected error: {e}"),
     }
 }
@@ -138,6 +157,8 @@ struct MSub {
     last_interaction: u64,
     failures: u32,
     last_failure: u64,
+    /// Split custody: the version of the current user key (`key(s, v)`).
+    key: u8,
 }
 
 struct Model {
@@ -209,10 +230,21 @@ fn consent(now: u64, days: u8, both: bool) -> Consent {
 fn day(t: u64) -> u64 {
     t / 86_400
 }
+/// Subjects 1 and 3 are in split custody.
+fn split(s: u8) -> bool {
+    s % 2 == 1
+}
+/// Subject `s`'s user key, version `v` (a wrong key is another version).
+fn key(s: u8, v: u8) -> UserKey {
+    let mut b = [s.wrapping_add(1); 32];
+    b[0] = 0xc3;
+    b[1] = v;
+    UserKey::from_bytes(b).expect("user key")
+}
 
 /// A snapshot: its copy, the step it was taken at, and the subjects stored
-/// then as (incarnation, subject, first template seed).
-type Snapshot = (tempfile::TempDir, usize, Vec<(usize, u8, u8)>);
+/// then as (incarnation, subject, first template seed, user key version).
+type Snapshot = (tempfile::TempDir, usize, Vec<(usize, u8, u8, u8)>);
 
 struct Harness {
     dir: tempfile::TempDir,
@@ -263,9 +295,19 @@ fn verify_step(
     (s, n): (u8, u8),
     genuine: Option<bool>,
     add: Option<u8>,
+    wrong_key: bool,
 ) -> (Answer, Answer) {
     let impersonation = genuine.unwrap_or(false);
     let si = s as usize;
+    // Split custody: the right key, or another version. Server custody: no
+    // key, or (with `wrong_key`) a key it has no use for.
+    let version = m.subs[si].as_ref().map_or(0, |sub| sub.key);
+    let k = match (split(s), wrong_key) {
+        (true, false) => Some(key(s, version)),
+        (true, true) => Some(key(s, version.wrapping_add(100))),
+        (false, true) => Some(key(s, 0)),
+        (false, false) => None,
+    };
     let probe = match (&m.subs[si], genuine) {
         (Some(sub), Some(_)) => {
             let base = template_vec(s, sub.templates[n as usize % sub.templates.len()]);
@@ -277,13 +319,21 @@ fn verify_step(
     let id = format!("subj-{s}");
     let p = purpose(impersonation);
     let got = out(
-        match add {
-            None => h.store().verify(&id, &p, common::emb(&probe)),
-            Some(seed) => h.store().add_template(
+        match (add, &k) {
+            (None, None) => h.store().verify(&id, &p, common::emb(&probe)),
+            (None, Some(k)) => h.store().verify_with(&id, &p, common::emb(&probe), k),
+            (Some(seed), None) => h.store().add_template(
                 &id,
                 &p,
                 common::emb(&probe),
                 common::emb(&template_vec(s, seed)),
+            ),
+            (Some(seed), Some(k)) => h.store().add_template_with(
+                &id,
+                &p,
+                common::emb(&probe),
+                common::emb(&template_vec(s, seed)),
+                k,
             ),
         },
         |d| {
@@ -297,6 +347,7 @@ fn verify_step(
     let now = m.now;
     let want = match m.live(si, step) {
         Err(e) => e,
+        Ok(_) if !split(s) && wrong_key => Answer::NotSplit,
         Ok(sub) if add.is_some() && sub.templates.len() >= MAX_TEMPLATES => Answer::TooMany,
         // The attempt limits come before the purpose.
         Ok(sub) if sub.failures >= HARD => Answer::Disabled,
@@ -304,6 +355,12 @@ fn verify_step(
             Answer::LockedOut(sub.last_failure + WAIT)
         }
         Ok(sub) if !sub.purposes.contains(&impersonation) => Answer::NotConsented,
+        // A wrong key counts as a failure, whatever the face.
+        Ok(sub) if split(s) && wrong_key => {
+            sub.failures += 1;
+            sub.last_failure = now;
+            Answer::WrongKey
+        }
         Ok(sub) if genuine.is_some() => {
             sub.templates.extend(add);
             sub.failures = 0;
@@ -351,12 +408,16 @@ fn run(kind: Kind, ops: &[Op], deferred: bool) -> Result<(), TestCaseError> {
                 both_purposes,
             } => {
                 let id = format!("subj-{s}");
+                let (e, c) = (
+                    common::emb(&template_vec(s, seed)),
+                    consent(m.now, days, both_purposes),
+                );
                 let got = out(
-                    h.store().enroll(
-                        &id,
-                        common::emb(&template_vec(s, seed)),
-                        consent(m.now, days, both_purposes),
-                    ),
+                    if split(s) {
+                        h.store().enroll_with(&id, e, c, &key(s, 0))
+                    } else {
+                        h.store().enroll(&id, e, c)
+                    },
                     |_| Answer::Ok,
                 );
                 let si = s as usize;
@@ -378,6 +439,7 @@ fn run(kind: Kind, ops: &[Op], deferred: bool) -> Result<(), TestCaseError> {
                             last_interaction: m.now,
                             failures: 0,
                             last_failure: 0,
+                            key: 0,
                         });
                         Answer::Ok
                     }
@@ -388,10 +450,61 @@ fn run(kind: Kind, ops: &[Op], deferred: bool) -> Result<(), TestCaseError> {
                 s,
                 template,
                 impersonation,
-            } => verify_step(&h, &mut m, step, (s, template), Some(impersonation), None),
-            Op::VerifyImpostor { s, seed } => verify_step(&h, &mut m, step, (s, seed), None, None),
-            Op::AddTemplate { s, template, seed } => {
-                verify_step(&h, &mut m, step, (s, template), Some(false), Some(seed))
+                wrong_key,
+            } => verify_step(
+                &h,
+                &mut m,
+                step,
+                (s, template),
+                Some(impersonation),
+                None,
+                wrong_key,
+            ),
+            Op::VerifyImpostor { s, seed, wrong_key } => {
+                verify_step(&h, &mut m, step, (s, seed), None, None, wrong_key)
+            }
+            Op::AddTemplate {
+                s,
+                template,
+                seed,
+                wrong_key,
+            } => verify_step(
+                &h,
+                &mut m,
+                step,
+                (s, template),
+                Some(false),
+                Some(seed),
+                wrong_key,
+            ),
+            Op::Rekey { s, wrong_old } => {
+                let version = m.subs[s as usize].as_ref().map_or(0, |sub| sub.key);
+                let old = key(s, version.wrapping_add(if wrong_old { 100 } else { 0 }));
+                let got = out(
+                    h.store()
+                        .rekey(&format!("subj-{s}"), &old, &key(s, version.wrapping_add(1))),
+                    |_| Answer::Ok,
+                );
+                let now = m.now;
+                let want = match m.live(s as usize, step) {
+                    Err(e) => e,
+                    Ok(_) if !split(s) => Answer::NotSplit,
+                    Ok(sub) if sub.failures >= HARD => Answer::Disabled,
+                    Ok(sub) if sub.failures >= SOFT && now < sub.last_failure + WAIT => {
+                        Answer::LockedOut(sub.last_failure + WAIT)
+                    }
+                    Ok(sub) if wrong_old => {
+                        sub.failures += 1;
+                        sub.last_failure = now;
+                        Answer::WrongKey
+                    }
+                    Ok(sub) => {
+                        sub.key = sub.key.wrapping_add(1);
+                        sub.last_interaction = now;
+                        Answer::Ok
+                    }
+                };
+                (got, want)
             }
             Op::Revoke { s } => {
                 let got = out(h.store().revoke(&format!("subj-{s}")), |_| Answer::Ok);
@@ -490,13 +603,13 @@ fn run(kind: Kind, ops: &[Op], deferred: bool) -> Result<(), TestCaseError> {
                 h.store = None;
                 let snap = tempfile::tempdir().expect("tempdir");
                 copy_dir(&h.dir.path().join("data"), &snap.path().join("data"));
-                let alive: Vec<(usize, u8, u8)> = m
+                let alive: Vec<(usize, u8, u8, u8)> = m
                     .subs
                     .iter()
                     .enumerate()
                     .filter_map(|(s, sub)| {
                         sub.as_ref()
-                            .map(|x| (x.incarnation, s as u8, x.templates[0]))
+                            .map(|x| (x.incarnation, s as u8, x.templates[0], x.key))
                     })
                     .collect();
                 h.snapshots.push((snap, step, alive));
@@ -537,9 +650,9 @@ fn run(kind: Kind, ops: &[Op], deferred: bool) -> Result<(), TestCaseError> {
         }
     }
     for (snap, at, alive) in &h.snapshots {
-        let destroyed_after: Vec<&(usize, u8, u8)> = alive
+        let destroyed_after: Vec<&(usize, u8, u8, u8)> = alive
             .iter()
-            .filter(|(inc, _, _)| m.destroyed.iter().any(|(d, step)| d == inc && step > at))
+            .filter(|(inc, _, _, _)| m.destroyed.iter().any(|(d, step)| d == inc && step > at))
             .collect();
         // Old sled files + today's keyring + the root key.
         let mixed = tempfile::tempdir().expect("tempdir");
@@ -553,12 +666,16 @@ fn run(kind: Kind, ops: &[Op], deferred: bool) -> Result<(), TestCaseError> {
             // the rollback, as an operator restoring it would.
             let store = Store::open(h.config(mixed.path()).accept_rollback(true))
                 .expect("mixed store opens");
-            for (inc, s, seed) in &destroyed_after {
-                let r = store.verify(
-                    &format!("subj-{s}"),
-                    &Purpose::IDENTITY_VERIFICATION,
-                    common::emb(&template_vec(*s, *seed)),
-                );
+            for (inc, s, seed, version) in &destroyed_after {
+                let (id, probe) = (format!("subj-{s}"), common::emb(&template_vec(*s, *seed)));
+                let p = Purpose::IDENTITY_VERIFICATION;
+                // A split subject with the key it had then: the DEK is gone
+                // before the key is ever tried.
+                let r = if split(*s) {
+                    store.verify_with(&id, &p, probe, &key(*s, *version))
+                } else {
+                    store.verify(&id, &p, probe)
+                };
                 prop_assert!(
                     matches!(r, Err(Error::KeyUnavailable { .. })),
                     "incarnation {} of subj-{} (destroyed after snapshot at step {}) from old files: {:?}",
@@ -572,7 +689,9 @@ fn run(kind: Kind, ops: &[Op], deferred: bool) -> Result<(), TestCaseError> {
         for rec in subject_records(scratch.path()).expect("records") {
             for k in &windows {
                 prop_assert!(
-                    !rec.wrapped_dek.opens_with(k) && !rec.payload.opens_with(k),
+                    !rec.wrapped_dek.opens_with(k)
+                        && !rec.payload.opens_with(k)
+                        && !rec.templates.as_ref().is_some_and(|t| t.opens_with(k)),
                     "a file window opens a record"
                 );
             }
@@ -647,19 +766,60 @@ fn fixed_sequence_with_lockout_expiry_and_snapshots() {
         Op::Snapshot,
     ];
     for i in 0..6 {
-        ops.push(Op::VerifyImpostor { s: 0, seed: i });
+        ops.push(Op::VerifyImpostor {
+            s: 0,
+            seed: i,
+            wrong_key: false,
+        });
     }
+    // Split custody (subject 1): a wrong key counts, a key change, the old
+    // key refused; a key for a server-custody subject refused.
+    ops.extend([
+        Op::VerifyGenuine {
+            s: 1,
+            template: 0,
+            impersonation: false,
+            wrong_key: true,
+        },
+        Op::Rekey {
+            s: 1,
+            wrong_old: true,
+        },
+        Op::Rekey {
+            s: 1,
+            wrong_old: false,
+        },
+        Op::VerifyGenuine {
+            s: 1,
+            template: 0,
+            impersonation: false,
+            wrong_key: false,
+        },
+        Op::AddTemplate {
+            s: 1,
+            template: 0,
+            seed: 4,
+            wrong_key: false,
+        },
+        Op::VerifyImpostor {
+            s: 2,
+            seed: 1,
+            wrong_key: true,
+        },
+    ]);
     ops.extend([
         Op::VerifyGenuine {
             s: 0,
             template: 0,
             impersonation: false,
+            wrong_key: false,
         },
         Op::Advance { secs: 31 },
         Op::VerifyGenuine {
             s: 0,
             template: 0,
             impersonation: true,
+            wrong_key: false,
         },
         Op::Revoke { s: 2 },
         Op::Advance { secs: 4 * 86_400 },
