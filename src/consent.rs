@@ -261,4 +261,7 @@ pub struct ConsentStatus {
     /// When the subject will be destroyed unless it interacts again: the
     /// earlier of `expires_at` and `last_interaction` + the inactivity limit.
     pub deadline: Timestamp,
+    /// Who can open the subject's templates (the operator can read this,
+    /// SECURITY.md §17).
+    pub custody: crate::Custody,
 }

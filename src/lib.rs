@@ -26,6 +26,12 @@
 //!   [`Store::backup`] and [`Store::restore`] (which replays the revocation
 //!   ledger) never bring a revoked subject back.
 //!
+//! - Split custody, per subject ([`Store::enroll_with`],
+//!   [`Store::verify_with`]): the templates open only with a 32-byte
+//!   [`UserKey`] the person holds (a passkey's WebAuthn PRF output), which
+//!   bioseal never stores; the operator, with every key and file it has,
+//!   cannot open them. Consent, lockout, retention and revoke work without it.
+//!
 //! - Embedded by default (sled in a directory, owned by one process); with
 //!   a `postgresql://` location (feature `postgres`), any number of service
 //!   replicas share one store on PostgreSQL, attempt limits and revocations

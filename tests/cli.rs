@@ -922,6 +922,7 @@ fn split_custody_from_the_cli() {
     // Consent and revoke need no key.
     let o = cli.run(&["consent", "show", "--subject", "alice"]);
     assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stdout.contains("custody           split"), "{}", o.stdout);
     let o = cli.run(&["revoke", "--subject", "alice"]);
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert_error(&verify(Some(&new)), 4, "not enrolled");

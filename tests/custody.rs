@@ -120,6 +120,11 @@ fn split_subject_lifecycle(k: Kind) {
     // Consent changes, status and a purpose withdrawal need no key.
     let status = store.consent_status("alice").expect("status");
     assert!(status.purposes.contains(&IDV));
+    assert_eq!(status.custody, bioseal::Custody::Split);
+    assert_eq!(
+        store.consent_status("bob").expect("status").custody,
+        bioseal::Custody::Server
+    );
     store
         .renew_consent(
             "alice",

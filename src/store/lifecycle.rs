@@ -228,7 +228,7 @@ impl Store {
         self.ledger_consent_change(&p, now)?;
         l.payload.consent = consent;
         l.state.last_interaction = now.unix_secs();
-        let status = self.status(&l.payload.consent, &l.state);
+        let status = self.status(&l);
         self.commit_subject(
             &p,
             b,
@@ -272,7 +272,7 @@ impl Store {
         let (p, b, key) = self.locate(subject);
         let guard = self.lock(b)?;
         let l = self.load_live(&p, b, &key, now, &guard)?;
-        Ok(self.status(&l.payload.consent, &l.state))
+        Ok(self.status(&l))
     }
 
     /// The verify steps that run under the bucket lock: load, attempt

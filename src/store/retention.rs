@@ -259,8 +259,13 @@ impl Store {
         expiry.min(self.inactivity_deadline(state))
     }
 
-    pub(super) fn status(&self, consent: &Consent, state: &SubjectState) -> ConsentStatus {
+    pub(super) fn status(&self, l: &Loaded) -> ConsentStatus {
+        let (consent, state) = (&l.payload.consent, &l.state);
         ConsentStatus {
+            custody: match l.payload.split {
+                Some(_) => crate::Custody::Split,
+                None => crate::Custody::Server,
+            },
             purposes: consent.purposes().cloned().collect(),
             granted_at: consent.granted(),
             expires_at: consent.expiry().unwrap_or_default(),

@@ -216,6 +216,14 @@ pub(crate) fn consent_cmd(cli: &Cli, action: &ConsentCmd) -> R<u8> {
             println!("last interaction  {}", when(s.last_interaction));
             println!("deadline          {}", when(s.deadline));
             println!("policy version    {}", s.policy_version);
+            println!(
+                "custody           {}",
+                match s.custody {
+                    bioseal::Custody::Server => "server",
+                    bioseal::Custody::Split =>
+                        "split (only the person's user key opens the templates)",
+                }
+            );
             if let Some(e) = s.evidence {
                 println!("evidence sha256   {}", hex(&e));
             }
