@@ -430,7 +430,93 @@ fn across_epochs_and_restore(k: Kind) {
     );
 }
 
+/// Every answer a split-custody call can give about a subject writes the
+/// same thing: one bucket rotation, as a `NoMatch` does (SECURITY.md §11,
+/// §17). A key given for a server-custody subject, an unknown subject, a
+/// locked-out one, a wrong key, for verify and for rekey alike: latency
+/// does not tell them apart.
+fn every_refusal_costs_one_rotation(k: Kind) {
+    let f = Fixture::with(k, 8);
+    let store = f.open();
+    let mut rng = Rng(27);
+    let (a, b) = (rng.unit(DIM), rng.unit(DIM));
+    let (key, wrong) = (user_key(12), user_key(13));
+    store
+        .enroll_with("split", emb(&a), consent(f.now(), 365), &key)
+        .expect("enroll");
+    store
+        .enroll("server", emb(&b), consent(f.now(), 365))
+        .expect("enroll");
+    let rotations = |store: &Store| {
+        store
+            .audit()
+            .entries()
+            .expect("audit")
+            .iter()
+            .filter(|e| e.event == AuditEvent::KeyRotation)
+            .count()
+    };
+    type Call<'a> = Box<dyn Fn() -> String + 'a>;
+    let calls: Vec<(&str, Call<'_>)> = vec![
+        (
+            "NoMatch",
+            Box::new(|| format!("{:?}", verify_with(&store, "split", &b, &key))),
+        ),
+        (
+            "wrong key",
+            Box::new(|| format!("{:?}", verify_with(&store, "split", &a, &wrong))),
+        ),
+        (
+            "server custody",
+            Box::new(|| format!("{:?}", verify_with(&store, "server", &b, &key))),
+        ),
+        (
+            "unknown",
+            Box::new(|| format!("{:?}", verify_with(&store, "nobody", &b, &key))),
+        ),
+        (
+            "rekey wrong key",
+            Box::new(|| format!("{:?}", store.rekey("split", &wrong, &key))),
+        ),
+        (
+            "rekey server custody",
+            Box::new(|| format!("{:?}", store.rekey("server", &key, &wrong))),
+        ),
+        (
+            "rekey unknown",
+            Box::new(|| format!("{:?}", store.rekey("nobody", &key, &wrong))),
+        ),
+    ];
+    for (what, call) in &calls {
+        let before = rotations(&store);
+        let r = call();
+        assert!(r.starts_with("Err") || r == "Ok(NoMatch)", "{what}: {r}");
+        assert_eq!(rotations(&store) - before, 1, "{what}: {r}");
+    }
+    // Locked out (three failures so far plus two more): refused, one
+    // rotation, for verify and rekey.
+    let _ = verify_with(&store, "split", &b, &key);
+    let _ = verify_with(&store, "split", &b, &key);
+    for (what, r) in [
+        (
+            "locked out",
+            format!("{:?}", verify_with(&store, "split", &a, &key)),
+        ),
+        (
+            "rekey locked out",
+            format!("{:?}", store.rekey("split", &key, &wrong)),
+        ),
+    ] {
+        assert!(r.starts_with("Err(LockedOut"), "{what}: {r}");
+    }
+    let before = rotations(&store);
+    let _ = verify_with(&store, "split", &a, &key);
+    let _ = store.rekey("split", &key, &wrong);
+    assert_eq!(rotations(&store) - before, 2);
+}
+
 on_both_backends!(
+    every_refusal_costs_one_rotation,
     split_subject_lifecycle,
     wrong_keys_count_and_never_tell_the_face,
     retention_without_the_key,

@@ -32,7 +32,9 @@ impl Store {
     /// templates are never opened, so it says nothing about whether the
     /// face would have matched. The attempt limits, the purpose and the
     /// deadlines are checked first, without the key. A server-custody
-    /// subject is [`Error::NotSplitCustody`] (no attempt spent).
+    /// subject is [`Error::NotSplitCustody`] (no attempt spent; it costs a
+    /// refusal's rotation, so that latency does not tell it from an unknown
+    /// subject).
     /// [`Store::verify`] (no key) on a split-custody subject is a
     /// `WrongUserKey`.
     pub fn verify_with(
@@ -67,7 +69,9 @@ impl Store {
     /// with `old` any more; like a consent change it enters the revocation
     /// ledger (a restore of an older backup removes the subject). A wrong
     /// `old` is [`Error::WrongUserKey`], counted as a failed attempt; the
-    /// attempt limits are checked first. Counts as an interaction.
+    /// attempt limits are checked first. Counts as an interaction. Every
+    /// refusal (unknown subject, server custody, locked out) costs a bucket
+    /// rotation, as a wrong key does, so that latency tells nothing.
     ///
     /// The person can also shred their templates alone, by discarding the
     /// key: nothing bioseal holds opens them without it.
@@ -105,11 +109,25 @@ impl Store {
         now: Timestamp,
         guard: &BucketGuard<'_>,
     ) -> Result<()> {
-        let mut l = self.load_live(p, b, key, now, guard)?;
-        if l.payload.split.is_none() {
-            return Err(Error::NotSplitCustody);
+        // Every refusal costs a rotation, as a wrong key does, so that
+        // latency does not tell who is enrolled or in which custody.
+        let stand_in = &self.decoy.templates[0];
+        let mut l = match self.load_live(p, b, key, now, guard) {
+            Ok(l) => l,
+            Err(Error::NotEnrolled) => {
+                self.decoy(p, b, stand_in, guard)?;
+                return Err(Error::NotEnrolled);
+            }
+            Err(e) => return Err(e),
+        };
+        let refused = match &l.payload.split {
+            None => Err(Error::NotSplitCustody),
+            Some(_) => self.attempt_allowed(&l.state, now),
+        };
+        if let Err(e) = refused {
+            self.refusal_cost(p, b, &l, stand_in, guard)?;
+            return Err(e);
         }
-        self.attempt_allowed(&l.state, now)?;
         let templates = match self.take_templates(p, &mut l, Some(old)) {
             Ok(t) => t,
             Err(Error::WrongUserKey) => {

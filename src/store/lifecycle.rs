@@ -304,6 +304,9 @@ impl Store {
             None => l.payload.templates.len(),
         };
         if l.payload.split.is_none() && user_key.is_some() {
+            // Costs what any refusal costs (a rotation), so that latency
+            // does not tell a server-custody subject from an unknown one.
+            self.refusal_cost(p, b, &l, probe, guard)?;
             return Err(Error::NotSplitCustody);
         }
         if add.is_some() && held >= self.max_templates {
