@@ -277,6 +277,12 @@ pub mod __test {
         Ok(out)
     }
 
+    /// Every subject record of an open store, either backend, as
+    /// [`crate::forensics::subject_records`] lists a data directory's.
+    pub fn subject_records(store: &Store) -> Result<Vec<crate::forensics::RawSubjectRecord>> {
+        crate::forensics::subject_records_in(store.raw_db())
+    }
+
     /// A subject's DEK, as the operator's keys open it.
     pub fn dek(store: &Store, subject: &str) -> Result<[u8; 32]> {
         store.test_dek(subject).map(|k| *k)

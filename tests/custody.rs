@@ -522,6 +522,7 @@ on_both_backends!(
     retention_without_the_key,
     tampered_templates_are_not_a_wrong_key,
     across_epochs_and_restore,
+    the_operator_with_every_key_opens_no_split_template,
 );
 
 /// Every distinct 32-byte window of every file below `dir`.
@@ -545,23 +546,21 @@ fn windows(dir: &std::path::Path, into: &mut std::collections::HashSet<[u8; 32]>
 /// half through the HKDF the code uses, and as the server half combined
 /// with each operator-held key. Positive controls: the real user key opens
 /// them, today's and the backup's; a user key planted in a file is found.
-#[test]
-fn the_operator_with_every_key_opens_no_split_template() {
-    use bioseal::forensics::{backup_subject_records, keyring_keks, subject_records};
+fn the_operator_with_every_key_opens_no_split_template(k: Kind) {
+    use bioseal::forensics::{backup_subject_records, keyring_keks};
     use std::collections::HashSet;
-    let f = Fixture::with(Kind::Sled, 4);
+    let f = Fixture::with(k, 4);
     let epochs = f.secrets.path().join("bioseal.epochs");
-    let config = || {
-        f.config_with(
-            f.data.path(),
-            FileEpochProvider::open(&epochs).expect("epochs"),
-        )
+    let location = match &f.url {
+        Some(u) => std::path::PathBuf::from(u),
+        None => f.data.path().to_path_buf(),
     };
+    let config = || f.config_with(&location, FileEpochProvider::open(&epochs).expect("epochs"));
     let mut rng = Rng(26);
     let victim = rng.unit(DIM);
     let key = user_key(10);
     let backup = tempfile::tempdir().expect("tempdir");
-    let (dek, half) = {
+    let (dek, half, today) = {
         let store = Store::open(config()).expect("open");
         store
             .enroll_with("victim", emb(&victim), consent(f.now(), 365), &key)
@@ -614,13 +613,22 @@ fn the_operator_with_every_key_opens_no_split_template() {
         let half = bioseal::__test::split_half(&store, "victim")
             .expect("half")
             .expect("split custody");
-        (dek, half)
+        (
+            dek,
+            half,
+            bioseal::__test::subject_records(&store).expect("records"),
+        )
     };
+    if k == Kind::Sled {
+        // The auditor's own path reads the same records from a copy of the
+        // files.
+        let scratch = tempfile::tempdir().expect("tempdir");
+        copy_dir(f.data.path(), scratch.path());
+        let from_files = bioseal::forensics::subject_records(scratch.path()).expect("records");
+        assert_eq!(from_files.len(), today.len());
+    }
 
     // The victim's sealed templates, today's and the backup's.
-    let scratch = tempfile::tempdir().expect("tempdir");
-    copy_dir(f.data.path(), scratch.path());
-    let today = subject_records(scratch.path()).expect("records");
     let backed = backup_subject_records(backup.path().join("b")).expect("backup records");
     let pseudonym = {
         let splits: Vec<_> = today.iter().filter(|r| r.templates.is_some()).collect();
@@ -661,7 +669,23 @@ fn the_operator_with_every_key_opens_no_split_template() {
     for dir in [f.data.path(), f.secrets.path(), backup.path()] {
         scanned += windows(dir, &mut cands);
     }
-    let keyring = std::fs::read(f.secrets.path().join("bioseal.keyring")).expect("keyring");
+    if k == Kind::Postgres {
+        // The database: every row of every table, as a dump holds them.
+        for table in ["records", "keys", "meta", "audit"] {
+            for (key, value) in f.raw_rows(table) {
+                for bytes in [key, value] {
+                    scanned += bytes.len();
+                    for w in bytes.windows(32) {
+                        cands.insert(w.try_into().expect("32"));
+                    }
+                }
+            }
+        }
+    }
+    let keyring = f.raw_keyring();
+    for w in keyring.windows(32) {
+        cands.insert(w.try_into().expect("32"));
+    }
     let keks: Vec<[u8; 32]> = cands
         .iter()
         .find_map(|w| keyring_keks(&keyring, w))
