@@ -16,38 +16,10 @@
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{consent, unit, welch, DIM};
+use common::{consent, max_t, median, unit};
 
-use bioseal::{
-    Decision, Embedding, Error, ManualClock, Purpose, RootKey, Store, StoreConfig, Threshold,
-    UserKey,
-};
+use bioseal::{Decision, Embedding, Error, ManualClock, Purpose, UserKey};
 use std::time::Instant;
-
-/// Largest |t| over the raw samples and the samples cropped at the 99th,
-/// 90th and 50th percentile of both classes together.
-fn max_t(a: &[f64], b: &[f64]) -> f64 {
-    let mut all: Vec<f64> = a.iter().chain(b).copied().collect();
-    all.sort_by(f64::total_cmp);
-    let mut worst = welch(a, b).abs();
-    for p in [0.99, 0.90, 0.50] {
-        let cut = all[((all.len() as f64 * p) as usize).min(all.len() - 1)];
-        let (ca, cb): (Vec<f64>, Vec<f64>) = (
-            a.iter().copied().filter(|x| *x <= cut).collect(),
-            b.iter().copied().filter(|x| *x <= cut).collect(),
-        );
-        if ca.len() > 10 && cb.len() > 10 {
-            worst = worst.max(welch(&ca, &cb).abs());
-        }
-    }
-    worst
-}
-
-fn median(x: &[f64]) -> f64 {
-    let mut v = x.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 fn key(i: u64, salt: u8) -> Result<UserKey, Error> {
     let mut b = [salt; 32];
@@ -63,13 +35,7 @@ fn main() -> Result<(), Error> {
         .unwrap_or(5_000);
     let tmp = tempfile::tempdir()?;
     let clock = ManualClock::new(bioseal::Clock::now(&bioseal::SystemClock));
-    let store = Store::open(
-        StoreConfig::new(tmp.path().join("data"), RootKey::from_bytes([3; 32]))
-            .key_dir(tmp.path().join("keys"))
-            .model("bench", DIM)
-            .threshold(Threshold::cosine(0.5))
-            .clock(clock.clone()),
-    )?;
+    let store = common::open_store(tmp.path(), clock.clone())?;
     // Every call is a counted failure; each subject takes at most 4 (below
     // the lockout), whatever their class.
     let subjects = (3 * samples).div_ceil(4) + 1;

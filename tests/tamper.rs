@@ -21,6 +21,18 @@ fn populated(k: Kind, n: usize) -> (Fixture, Vec<Vec<f32>>) {
     (f, vecs)
 }
 
+/// The one subject record: its key and value.
+fn only_record(f: &Fixture) -> (Vec<u8>, Vec<u8>) {
+    let key = subject_keys(f).pop().expect("one record");
+    let value = f
+        .raw_rows("records")
+        .into_iter()
+        .find(|(x, _)| *x == key)
+        .expect("record")
+        .1;
+    (key, value)
+}
+
 /// Keys of the subject records.
 fn subject_keys(f: &Fixture) -> Vec<Vec<u8>> {
     f.raw_rows("records")
@@ -35,13 +47,7 @@ fn subject_keys(f: &Fixture) -> Vec<Vec<u8>> {
 /// match, and an enroll on top does not overwrite it.
 fn every_flipped_record_byte_is_detected(k: Kind) {
     let (f, vecs) = populated(k, 1);
-    let key = subject_keys(&f).pop().expect("one record");
-    let good = f
-        .raw_rows("records")
-        .into_iter()
-        .find(|(x, _)| *x == key)
-        .expect("record")
-        .1;
+    let (key, good) = only_record(&f);
     let mut checked = 0;
     for i in 0..good.len() {
         for mask in [0x01u8, 0x80] {
@@ -186,13 +192,7 @@ fn every_flipped_split_record_byte_is_tampered_not_a_wrong_key(k: Kind) {
     f.open()
         .enroll_with("s0", emb(&v), consent(f.now(), 100), &user)
         .expect("enroll");
-    let key = subject_keys(&f).pop().expect("one record");
-    let good = f
-        .raw_rows("records")
-        .into_iter()
-        .find(|(x, _)| *x == key)
-        .expect("record")
-        .1;
+    let (key, good) = only_record(&f);
     let stride = if k == Kind::Postgres { 3 } else { 1 };
     let mut checked = 0;
     for i in (0..good.len()).step_by(stride) {

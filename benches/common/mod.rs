@@ -1,7 +1,9 @@
 //! Inputs shared by the benchmarks and `examples/perf_table.rs`.
 #![allow(dead_code)]
 
-use bioseal::{Consent, Purpose, Timestamp};
+use bioseal::{
+    Consent, Error, ManualClock, Purpose, RootKey, Store, StoreConfig, Threshold, Timestamp,
+};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Embedding dimension of every benchmark.
@@ -43,4 +45,42 @@ pub fn welch(a: &[f64], b: &[f64]) -> f64 {
     let (na, ma, va) = stats(a);
     let (nb, mb, vb) = stats(b);
     (ma - mb) / (va / na + vb / nb).sqrt()
+}
+
+/// Largest |t| over the raw samples and the samples cropped at the 99th,
+/// 90th and 50th percentile of both classes together.
+pub fn max_t(a: &[f64], b: &[f64]) -> f64 {
+    let mut all: Vec<f64> = a.iter().chain(b).copied().collect();
+    all.sort_by(f64::total_cmp);
+    let mut worst = welch(a, b).abs();
+    for p in [0.99, 0.90, 0.50] {
+        let cut = all[((all.len() as f64 * p) as usize).min(all.len() - 1)];
+        let (ca, cb): (Vec<f64>, Vec<f64>) = (
+            a.iter().copied().filter(|x| *x <= cut).collect(),
+            b.iter().copied().filter(|x| *x <= cut).collect(),
+        );
+        if ca.len() > 10 && cb.len() > 10 {
+            worst = worst.max(welch(&ca, &cb).abs());
+        }
+    }
+    worst
+}
+
+/// The median of a sample.
+pub fn median(x: &[f64]) -> f64 {
+    let mut v = x.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// A store in `dir` (data and keys below it) with a fixed root key, the
+/// benchmarks' dimension, threshold cosine 0.5 and `clock`.
+pub fn open_store(dir: &std::path::Path, clock: ManualClock) -> Result<Store, Error> {
+    Store::open(
+        StoreConfig::new(dir.join("data"), RootKey::from_bytes([3; 32]))
+            .key_dir(dir.join("keys"))
+            .model("bench", DIM)
+            .threshold(Threshold::cosine(0.5))
+            .clock(clock),
+    )
 }

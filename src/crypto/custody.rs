@@ -71,40 +71,12 @@ impl UserKey {
     /// A user key from a file's contents: exactly 32 raw bytes, or 64
     /// hexadecimal digits (surrounding whitespace ignored).
     pub fn parse(contents: &[u8]) -> Result<UserKey> {
-        if contents.len() == 32 {
-            let mut b = [0u8; 32];
-            b.copy_from_slice(contents);
-            return UserKey::from_bytes(b);
-        }
-        let text = contents.trim_ascii();
-        if text.len() != 64 {
-            return Err(Error::InvalidUserKey(
-                "expected 32 raw bytes or 64 hexadecimal digits",
-            ));
-        }
-        let mut b = Zeroizing::new([0u8; 32]);
-        for (i, pair) in text.chunks_exact(2).enumerate() {
-            let hi = hex_digit(pair[0]);
-            let lo = hex_digit(pair[1]);
-            match (hi, lo) {
-                (Some(h), Some(l)) => b[i] = h << 4 | l,
-                _ => return Err(Error::InvalidUserKey("not a hexadecimal digit")),
-            }
-        }
-        UserKey::from_bytes(*b)
+        let k = super::parse_key32(contents).map_err(Error::InvalidUserKey)?;
+        UserKey::from_bytes(*k)
     }
 
     pub(crate) fn bytes(&self) -> &[u8; 32] {
         &self.0
-    }
-}
-
-fn hex_digit(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
     }
 }
 

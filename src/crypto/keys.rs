@@ -61,21 +61,7 @@ impl RootKey {
     }
 
     fn parse(bytes: &[u8]) -> std::result::Result<Self, &'static str> {
-        let mut k = Zeroizing::new([0u8; 32]);
-        if bytes.len() == 32 {
-            k.copy_from_slice(bytes);
-            return Ok(RootKey(k));
-        }
-        let hex = bytes.trim_ascii();
-        if hex.len() != 64 {
-            return Err("expected 32 raw bytes or 64 hexadecimal characters");
-        }
-        for (i, pair) in hex.chunks_exact(2).enumerate() {
-            let hi = hex_val(pair[0]).ok_or("not hexadecimal")?;
-            let lo = hex_val(pair[1]).ok_or("not hexadecimal")?;
-            k[i] = (hi << 4) | lo;
-        }
-        Ok(RootKey(k))
+        super::parse_key32(bytes).map(RootKey)
     }
 
     /// Write this key to a new file (raw 32 bytes, mode 0600), refusing to
@@ -93,15 +79,6 @@ impl RootKey {
 
     pub(crate) fn expose(&self) -> &[u8; 32] {
         &self.0
-    }
-}
-
-fn hex_val(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
     }
 }
 

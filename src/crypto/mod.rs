@@ -52,6 +52,33 @@ pub(crate) fn hmac256(key: &ring::hmac::Key, parts: &[&[u8]]) -> [u8; 32] {
     out
 }
 
+/// A 32-byte key from a file's or a variable's contents: exactly 32 raw
+/// bytes, or 64 hexadecimal digits (surrounding whitespace ignored), into
+/// a buffer wiped on drop.
+pub(crate) fn parse_key32(bytes: &[u8]) -> std::result::Result<Zeroizing<[u8; 32]>, &'static str> {
+    let mut k = Zeroizing::new([0u8; 32]);
+    if bytes.len() == 32 {
+        k.copy_from_slice(bytes);
+        return Ok(k);
+    }
+    let hex = bytes.trim_ascii();
+    if hex.len() != 64 {
+        return Err("expected 32 raw bytes or 64 hexadecimal characters");
+    }
+    let val = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    };
+    for (i, pair) in hex.chunks_exact(2).enumerate() {
+        let hi = val(pair[0]).ok_or("not hexadecimal")?;
+        let lo = val(pair[1]).ok_or("not hexadecimal")?;
+        k[i] = (hi << 4) | lo;
+    }
+    Ok(k)
+}
+
 /// HKDF-SHA-256: extract with `salt`, expand with `info` to 32 bytes.
 pub(crate) fn hkdf32(salt: &[u8], ikm: &[u8], info: &[u8]) -> Zeroizing<[u8; 32]> {
     struct Len32;
