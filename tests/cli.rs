@@ -927,3 +927,90 @@ fn split_custody_from_the_cli() {
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert_error(&verify(Some(&new)), 4, "not enrolled");
 }
+
+/// `calibrate --plot FILE.png`: a 1400x600 PNG that decodes and is not
+/// blank (impostor red, genuine blue, the threshold in black); a warning
+/// when FNMR at the target FMR exceeds 5% (a model too noisy for it), and
+/// none when it does not.
+#[test]
+fn calibrate_draws_a_plot_and_warns_when_fnmr_exceeds_five_percent() {
+    let cli = Cli::new();
+    let pairs_of = |sigma: f32, seed: u64| {
+        let mut rng = Rng(seed);
+        let mut lines = Vec::new();
+        for id in 0..60 {
+            let base = rng.unit(DIM);
+            for _ in 0..3 {
+                lines.push(
+                    serde_json::json!({"identity": format!("p{id}"), "embedding": rng.noisy(&base, sigma)})
+                        .to_string(),
+                );
+            }
+        }
+        lines.join("\n")
+    };
+    let noisy = cli.file("noisy.jsonl", pairs_of(1.2, 81).as_bytes());
+    let png_path = cli.files.join("det.png");
+    let o = cli.run(&[
+        "calibrate",
+        "--pairs",
+        &noisy,
+        "--target-fmr",
+        "1e-3",
+        "--plot",
+        &png_path.to_string_lossy(),
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(
+        o.stderr.contains("exceeds 5% (NIST SP 800-63B-4)"),
+        "{}",
+        o.stderr
+    );
+    let decoder = png::Decoder::new(std::fs::File::open(&png_path).expect("the plot"));
+    let mut reader = decoder.read_info().expect("a PNG");
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).expect("a frame");
+    assert_eq!((info.width, info.height), (1400, 600));
+    assert_eq!(info.color_type, png::ColorType::Rgb);
+    let px: Vec<&[u8]> = buf[..info.buffer_size()].chunks(3).collect();
+    let share =
+        |f: &dyn Fn(&[u8]) -> bool| px.iter().filter(|p| f(p)).count() as f64 / px.len() as f64;
+    let non_white = share(&|p| p != [255, 255, 255]);
+    let reddish = share(&|p| p[0] > 200 && p[1] < 180 && p[2] < 180);
+    let bluish = share(&|p| p[2] > 200 && p[0] < 180 && p[1] < 180);
+    let dark = share(&|p| p.iter().all(|&c| c < 60));
+    assert!(non_white > 0.05, "blank plot: {non_white}");
+    assert!(
+        reddish > 0.002 && bluish > 0.002 && dark > 0.001,
+        "{reddish} {bluish} {dark}"
+    );
+    // A clean set: no FNMR warning.
+    let clean = cli.file("clean.jsonl", pairs_of(0.3, 82).as_bytes());
+    let o = cli.run(&["calibrate", "--pairs", &clean, "--target-fmr", "1e-3"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(!o.stderr.contains("exceeds 5%"), "{}", o.stderr);
+    // A font that is not one: a clear error, exit 3, and no file.
+    let bad_font = cli.file("font.ttf", b"not a font");
+    let out = cli.files.join("none.png");
+    let o = Command::new(env!("CARGO_BIN_EXE_bioseal"))
+        .args([
+            "--store",
+            "/nonexistent",
+            "calibrate",
+            "--pairs",
+            &clean,
+            "--plot",
+        ])
+        .arg(&out)
+        .env("BIOSEAL_PLOT_FONT", &bad_font)
+        .output()
+        .expect("run");
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("font"));
+    assert!(!out.exists());
+}

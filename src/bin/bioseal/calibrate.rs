@@ -9,7 +9,18 @@ pub(crate) struct PairLine {
     embedding: Vec<f32>,
 }
 
-pub(crate) fn calibrate_cmd(cli: &Cli, pairs: &Path, target_fmr: f64, apply: bool) -> R<u8> {
+pub(crate) fn calibrate_cmd(
+    cli: &Cli,
+    pairs: &Path,
+    target_fmr: f64,
+    apply: bool,
+    plot: Option<&Path>,
+) -> R<u8> {
+    if !(target_fmr > 0.0 && target_fmr < 1.0) {
+        return Err(input(format!(
+            "target FMR must be in (0, 1), got {target_fmr}"
+        )));
+    }
     let lines = read_lines(pairs)?;
     let bar = progress(lines.len() as u64, "reading");
     let mut samples = Vec::with_capacity(lines.len());
@@ -30,7 +41,8 @@ pub(crate) fn calibrate_cmd(cli: &Cli, pairs: &Path, target_fmr: f64, apply: boo
         .map(|(_, e)| e.dimension())
         .ok_or_else(|| input(format!("{} holds no samples", pairs.display())))?;
     let spinner = spinner("scoring pairs");
-    let c: Calibration = cal::calibrate(samples, dim, target_fmr)?;
+    let scores = cal::score_pairs(samples, dim)?;
+    let c: Calibration = scores.calibrate(target_fmr);
     spinner.finish_and_clear();
     println!("genuine pairs     {}", c.genuine_pairs);
     println!("impostor pairs    {}", c.impostor_pairs);
@@ -47,6 +59,17 @@ pub(crate) fn calibrate_cmd(cli: &Cli, pairs: &Path, target_fmr: f64, apply: boo
         eprintln!(
             "warning: no threshold up to cosine 1 reaches FMR <= {target_fmr:e}: impostor pairs score at the top of the scale"
         );
+    }
+    if c.fnmr > 0.05 {
+        eprintln!(
+            "warning: FNMR {:.2}% at the target FMR exceeds 5% (NIST SP 800-63B-4): this model \
+             rejects too many genuine attempts at this FMR",
+            c.fnmr * 100.0
+        );
+    }
+    if let Some(path) = plot {
+        plot::draw(path, &scores, &c)?;
+        println!("plot              {}", path.display());
     }
     if !c.sufficient {
         eprintln!(

@@ -30,6 +30,7 @@ use std::process::ExitCode;
 mod calibrate;
 mod input;
 mod maintenance;
+mod plot;
 mod store;
 mod subjects;
 use input::*;
@@ -240,6 +241,11 @@ pub(crate) enum Command {
         /// Record the threshold, target and source in the store's settings.
         #[arg(long)]
         apply: bool,
+        /// Draw the genuine and impostor score histograms and the DET curve
+        /// (FNMR against FMR, log scales), with the threshold and the NIST
+        /// SP 800-63B-4 limits, into this PNG file.
+        #[arg(long, value_name = "FILE.png")]
+        plot: Option<PathBuf>,
     },
 }
 
@@ -401,6 +407,7 @@ fn run(cli: Cli) -> R<u8> {
             pairs,
             target_fmr,
             apply,
-        } => calibrate::calibrate_cmd(c, pairs, *target_fmr, *apply),
+            plot,
+        } => calibrate::calibrate_cmd(c, pairs, *target_fmr, *apply, plot.as_deref()),
     }
 }
