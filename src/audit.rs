@@ -88,6 +88,8 @@ pub enum AuditEvent {
     /// A split-custody subject's user key was changed (the templates
     /// re-sealed under a new server half and the new user key).
     UserKeyChanged,
+    /// A server-custody subject was moved to split custody.
+    CustodyMovedToSplit,
 }
 
 /// How it ended.

@@ -115,6 +115,10 @@ pub enum Error {
     /// was spent.
     #[error("the subject is held in server custody: it has no user key")]
     NotSplitCustody,
+    /// A move to split custody for a subject already in it (its key
+    /// changes with `Store::rekey`); nothing was changed.
+    #[error("the subject is already in split custody: change its key with rekey")]
+    AlreadySplitCustody,
     /// A user key is malformed: not 32 raw bytes or 64 hexadecimal digits,
     /// or all its bytes are equal.
     #[error("invalid user key: {0}")]

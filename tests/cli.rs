@@ -919,6 +919,44 @@ fn split_custody_from_the_cli() {
     assert_error(&verify(Some(&key_raw)), 12, "wrong or missing user key");
     let o = verify(Some(&new));
     assert_eq!((o.code, o.stdout.trim()), (0, "match"), "{}", o.stderr);
+    // A server-custody subject moved to split custody.
+    let b = cli.json("bob.json", &rng.unit(DIM));
+    let o = cli.run(&[
+        "enroll",
+        "--subject",
+        "bob",
+        "--embedding",
+        &b,
+        "--purpose",
+        "identity-verification",
+        "--expires",
+        "365d",
+        "--evidence",
+        &ev,
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let o = cli.run(&["move-to-split", "--subject", "bob", "--user-key", &key_hex]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let bob = |key: Option<&str>| {
+        let mut args = vec![
+            "verify",
+            "--subject",
+            "bob",
+            "--purpose",
+            "identity-verification",
+            "--embedding",
+            &b,
+        ];
+        if let Some(k) = key {
+            args.extend(["--user-key", k]);
+        }
+        cli.run(&args)
+    };
+    assert_error(&bob(None), 12, "wrong or missing user key");
+    let o = bob(Some(&key_raw));
+    assert_eq!((o.code, o.stdout.trim()), (0, "match"), "{}", o.stderr);
+    let o = cli.run(&["move-to-split", "--subject", "bob", "--user-key", &key_hex]);
+    assert_error(&o, 3, "already in split custody");
     // Consent and revoke need no key.
     let o = cli.run(&["consent", "show", "--subject", "alice"]);
     assert_eq!(o.code, 0, "{}", o.stderr);

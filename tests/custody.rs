@@ -515,7 +515,91 @@ fn every_refusal_costs_one_rotation(k: Kind) {
     assert_eq!(rotations(&store) - before, 2);
 }
 
+/// An existing server-custody subject moved to split custody (the
+/// migration of a service's existing users): afterwards only the key opens
+/// its templates, the move is audited and refused a second time, and the
+/// subject's older record, spliced back, matches with nothing (its DEK is
+/// gone with the rotation).
+fn moving_a_server_subject_to_split_custody(k: Kind) {
+    let f = Fixture::with(k, 8);
+    let mut rng = Rng(28);
+    let carol = rng.unit(DIM);
+    let key = user_key(14);
+    {
+        let store = f.open();
+        store
+            .enroll("carol", emb(&carol), consent(f.now(), 365))
+            .expect("enroll");
+        assert_eq!(
+            store.verify("carol", &IDV, emb(&carol)).expect("verify"),
+            Decision::Match
+        );
+    }
+    let record = |rows: Vec<(Vec<u8>, Vec<u8>)>| {
+        rows.into_iter()
+            .find(|(k, v)| k.first() == Some(&b'S') && v.len() > 200)
+            .expect("the record")
+    };
+    let (rk, before) = record(f.raw_rows("records"));
+    f.open().move_to_split_custody("carol", &key).expect("move");
+    let (_, after) = record(f.raw_rows("records"));
+    // The server-custody record from before the move, spliced back with a
+    // plain write at once: it does not open, with or without the key.
+    f.raw_put("records", &rk, Some(&before));
+    {
+        let store = f.open();
+        for r in [
+            store.verify("carol", &IDV, emb(&carol)),
+            verify_with(&store, "carol", &carol, &key),
+        ] {
+            assert!(
+                matches!(
+                    r,
+                    Err(Error::Tampered { .. } | Error::KeyUnavailable { .. })
+                ),
+                "{r:?}"
+            );
+        }
+    }
+    f.raw_put("records", &rk, Some(&after));
+    let store = f.open();
+    assert_eq!(
+        verify_with(&store, "carol", &carol, &key).expect("verify"),
+        Decision::Match
+    );
+    assert!(matches!(
+        store.verify("carol", &IDV, emb(&carol)),
+        Err(Error::WrongUserKey)
+    ));
+    assert!(matches!(
+        verify_with(&store, "carol", &carol, &user_key(15)),
+        Err(Error::WrongUserKey)
+    ));
+    assert_eq!(
+        store.consent_status("carol").expect("status").custody,
+        bioseal::Custody::Split
+    );
+    assert!(matches!(
+        store.move_to_split_custody("carol", &key),
+        Err(Error::AlreadySplitCustody)
+    ));
+    assert!(matches!(
+        store.move_to_split_custody("nobody", &key),
+        Err(Error::NotEnrolled)
+    ));
+    let moved: Vec<_> = store
+        .audit()
+        .entries()
+        .expect("audit")
+        .into_iter()
+        .filter(|e| e.event == AuditEvent::CustodyMovedToSplit)
+        .map(|e| e.outcome)
+        .collect();
+    assert_eq!(moved, [Some(AuditOutcome::Ok)]);
+}
+
 on_both_backends!(
+    moving_a_server_subject_to_split_custody,
     every_refusal_costs_one_rotation,
     split_subject_lifecycle,
     wrong_keys_count_and_never_tell_the_face,

@@ -98,6 +98,40 @@ impl Store {
         result
     }
 
+    /// Move a server-custody subject to split custody under `user_key` (an
+    /// existing user's migration, with the person's key at hand): its
+    /// templates are sealed under a new server half and the key, and the
+    /// change is written irreversibly (re-key and rotation), so no older
+    /// record of the subject opens any more; like a consent change it
+    /// enters the revocation ledger (a restore of an older backup removes
+    /// the subject rather than bring back its server-custody templates).
+    /// Copies of the keyring of the current epoch (backups, dumps) still
+    /// open the old records until the epoch rolls, as for a revocation
+    /// (SECURITY.md §15, §17). A subject already in split custody is
+    /// [`Error::AlreadySplitCustody`] (its key changes with
+    /// [`Store::rekey`]). Audited.
+    pub fn move_to_split_custody(&self, subject: &str, user_key: &UserKey) -> Result<()> {
+        check_subject(subject)?;
+        let now = self.now();
+        let (p, b, key) = self.locate(subject);
+        let guard = self.lock(b)?;
+        let mut l = self.load_live(&p, b, &key, now, &guard)?;
+        if l.payload.split.is_some() {
+            return Err(Error::AlreadySplitCustody);
+        }
+        let templates = self.take_templates(&p, &mut l, None)?;
+        self.put_templates(&p, &mut l, templates, Some(user_key), true)?;
+        self.ledger_consent_change(&p, now)?;
+        self.commit_subject(
+            &p,
+            b,
+            l,
+            now,
+            AuditEntry::new(AuditEvent::CustodyMovedToSplit),
+            &guard,
+        )
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn rekey_locked(
         &self,

@@ -185,6 +185,15 @@ pub(crate) enum Command {
         #[arg(long = "new-user-key", value_name = "FILE")]
         new_user_key: PathBuf,
     },
+    /// Move a server-custody subject to split custody under the person's
+    /// user key (the migration of existing users; audited, irreversible).
+    MoveToSplit {
+        #[arg(long)]
+        subject: String,
+        /// The person's user key (32 raw bytes or 64 hexadecimal digits).
+        #[arg(long = "user-key", value_name = "FILE")]
+        user_key: PathBuf,
+    },
     /// Re-enable a subject disabled after too many failures (audited).
     ResetAttempts {
         #[arg(long)]
@@ -314,6 +323,7 @@ impl From<Error> for Fail {
             | Error::InvalidSubject
             | Error::TooManyTemplates { .. }
             | Error::NotSplitCustody
+            | Error::AlreadySplitCustody
             | Error::InvalidUserKey(_)
             | Error::Config(_) => 3,
             Error::WrongUserKey => 12,
@@ -394,6 +404,7 @@ fn run(cli: Cli) -> R<u8> {
             user_key,
             new_user_key,
         } => subjects::rekey(c, subject, user_key, new_user_key),
+        Command::MoveToSplit { subject, user_key } => subjects::move_to_split(c, subject, user_key),
         Command::ResetAttempts { subject } => subjects::reset_attempts(c, subject),
         Command::Revoke { subject } => subjects::revoke(c, subject),
         Command::Consent { action } => subjects::consent_cmd(c, action),

@@ -172,6 +172,15 @@ pub(crate) fn rekey(cli: &Cli, subject: &str, old: &Path, new: &Path) -> R<u8> {
     Ok(0)
 }
 
+/// `bioseal move-to-split`: a server-custody subject into split custody.
+pub(crate) fn move_to_split(cli: &Cli, subject: &str, key: &Path) -> R<u8> {
+    let key = read_user_key(key)?;
+    let (store, _) = open(cli)?;
+    store.move_to_split_custody(subject, &key)?;
+    println!("moved {subject} to split custody: the user key is needed to verify");
+    Ok(0)
+}
+
 /// `bioseal reset-attempts`.
 pub(crate) fn reset_attempts(cli: &Cli, subject: &str) -> R<u8> {
     let (store, _) = open(cli)?;
