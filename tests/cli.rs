@@ -854,21 +854,22 @@ fn split_custody_from_the_cli() {
     ]);
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert!(o.stdout.contains("split custody"), "{}", o.stdout);
-    let verify = |key: Option<&str>| {
+    let verify_as = |subject: &str, embedding: &str, key: Option<&str>| {
         let mut args = vec![
             "verify",
             "--subject",
-            "alice",
+            subject,
             "--purpose",
             "identity-verification",
             "--embedding",
-            &close,
+            embedding,
         ];
         if let Some(k) = key {
             args.extend(["--user-key", k]);
         }
         cli.run(&args)
     };
+    let verify = |key: Option<&str>| verify_as("alice", &close, key);
     // The same key as raw bytes and as hex.
     for k in [&key_raw, &key_hex] {
         let o = verify(Some(k));
@@ -937,21 +938,7 @@ fn split_custody_from_the_cli() {
     assert_eq!(o.code, 0, "{}", o.stderr);
     let o = cli.run(&["move-to-split", "--subject", "bob", "--user-key", &key_hex]);
     assert_eq!(o.code, 0, "{}", o.stderr);
-    let bob = |key: Option<&str>| {
-        let mut args = vec![
-            "verify",
-            "--subject",
-            "bob",
-            "--purpose",
-            "identity-verification",
-            "--embedding",
-            &b,
-        ];
-        if let Some(k) = key {
-            args.extend(["--user-key", k]);
-        }
-        cli.run(&args)
-    };
+    let bob = |key: Option<&str>| verify_as("bob", &b, key);
     assert_error(&bob(None), 12, "wrong or missing user key");
     let o = bob(Some(&key_raw));
     assert_eq!((o.code, o.stdout.trim()), (0, "match"), "{}", o.stderr);
