@@ -6,6 +6,7 @@
 use super::*;
 use crate::crypto::custody;
 use crate::storage::record::{decode_templates, encode_templates, SplitHalf};
+use lifecycle::refusal_outcome;
 
 impl Store {
     /// Enroll `subject` in split custody: as [`Store::enroll`], but its
@@ -81,17 +82,13 @@ impl Store {
         let (p, b, key) = self.locate(subject);
         let guard = self.lock(b)?;
         let result = self.rekey_locked(&p, b, &key, old, new, now, &guard);
-        let outcome = match &result {
-            Ok(()) => AuditOutcome::Ok,
-            Err(e) => refusal_outcome(e),
-        };
         // The successful change logs itself (with its re-key, durably).
-        if result.is_err() {
+        if let Err(e) = &result {
             self.log(
                 now,
                 AuditEntry::new(AuditEvent::UserKeyChanged)
                     .subject(&p)
-                    .outcome(outcome),
+                    .outcome(refusal_outcome(e)),
             )?;
             self.flush()?;
         }
@@ -198,23 +195,36 @@ impl Store {
         l: &mut Loaded,
         user_key: Option<&UserKey>,
     ) -> Result<Vec<Template>> {
-        let Some(s) = &l.payload.split else {
-            return match user_key {
+        match &l.payload.split {
+            Some(s) => self.open_split(p, s, &l.sealed_templates, user_key),
+            None => match user_key {
                 None => Ok(std::mem::take(&mut l.payload.templates)),
                 Some(_) => Err(Error::NotSplitCustody),
-            };
-        };
+            },
+        }
+    }
+
+    /// Open a split-custody subject's sealed templates with `user_key`
+    /// (none: the derivation runs with a zero key and fails like a wrong
+    /// one).
+    fn open_split(
+        &self,
+        p: &Pseudonym,
+        s: &SplitHalf,
+        sealed: &[u8],
+        user_key: Option<&UserKey>,
+    ) -> Result<Vec<Template>> {
         let store_id = self.keyring.header().store_id;
         let user = user_key.map_or(&[0u8; 32], UserKey::bytes);
         let k = custody::template_key(&s.server_half, user, &store_id, p);
-        match custody::open_templates(&k, &store_id, p, &l.sealed_templates) {
+        match custody::open_templates(&k, &store_id, p, sealed) {
             // Opened: the section is authentic (the AEAD binds it to the
             // subject and store; the count to the payload). No digest on
             // the matching path: it would cost a SHA-256 of the section.
             Some(plain) if user_key.is_some() => decode_templates(&plain, self.dim, s.count),
             // Not opened: an altered section, or a wrong key; the digest
             // the payload keeps tells which.
-            _ if custody::digest(&l.sealed_templates) != s.digest => {
+            _ if custody::digest(sealed) != s.digest => {
                 Err(Error::tampered("subject templates (digest)"))
             }
             _ => Err(Error::WrongUserKey),
@@ -270,9 +280,9 @@ impl Store {
 
     /// What a split-custody subject's comparison costs when its templates
     /// are not opened, the result thrown away: with `derive` (a refusal,
-    /// which never tries the key) the key derivation, a failed open and the
-    /// digest a wrong key's check computes; always a comparison against as
-    /// many stand-in templates as it holds.
+    /// which never tries the key) the wrong-key check itself (key
+    /// derivation, a failed open, the digest); always a comparison against
+    /// as many stand-in templates as it holds.
     pub(super) fn split_cost(
         &self,
         p: &Pseudonym,
@@ -282,10 +292,7 @@ impl Store {
         derive: bool,
     ) {
         if derive {
-            let store_id = self.keyring.header().store_id;
-            let k = custody::template_key(&s.server_half, &[0u8; 32], &store_id, p);
-            let _ = std::hint::black_box(custody::open_templates(&k, &store_id, p, sealed));
-            let _ = std::hint::black_box(custody::digest(sealed));
+            let _ = std::hint::black_box(self.open_split(p, s, sealed, None));
         }
         let n = (s.count as usize).min(self.decoy.templates.len());
         let _ = std::hint::black_box(matcher::decide(
@@ -311,21 +318,5 @@ impl Store {
         // Durable before the answer, and irreversible: crashing the service
         // or splicing an older record back must not give back an attempt.
         self.rekey_subject(p, b, l, guard)
-    }
-}
-
-/// The audit outcome of a refused call.
-pub(super) fn refusal_outcome(e: &Error) -> AuditOutcome {
-    match e {
-        Error::LockedOut { .. } => AuditOutcome::LockedOut,
-        Error::VerificationDisabled => AuditOutcome::Disabled,
-        Error::ConsentExpired => AuditOutcome::ConsentExpired,
-        Error::RetentionExpired => AuditOutcome::RetentionExpired,
-        Error::PurposeNotConsented => AuditOutcome::PurposeNotConsented,
-        Error::NotEnrolled => AuditOutcome::NotEnrolled,
-        Error::TooManyTemplates { .. } => AuditOutcome::TooManyTemplates,
-        Error::WrongUserKey => AuditOutcome::WrongUserKey,
-        Error::NotSplitCustody => AuditOutcome::NotSplitCustody,
-        _ => AuditOutcome::Error,
     }
 }

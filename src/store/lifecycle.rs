@@ -172,7 +172,7 @@ impl Store {
         let outcome = match &result {
             Ok(Decision::Match) => AuditOutcome::Match,
             Ok(Decision::NoMatch) => AuditOutcome::NoMatch,
-            Err(e) => custody::refusal_outcome(e),
+            Err(e) => refusal_outcome(e),
         };
         self.log(
             now,
@@ -402,5 +402,21 @@ impl Store {
             status,
             backups_inert_by: self.backups_inert_by(),
         })
+    }
+}
+
+/// The audit outcome of a refused verify (or user-key change).
+pub(super) fn refusal_outcome(e: &Error) -> AuditOutcome {
+    match e {
+        Error::LockedOut { .. } => AuditOutcome::LockedOut,
+        Error::VerificationDisabled => AuditOutcome::Disabled,
+        Error::ConsentExpired => AuditOutcome::ConsentExpired,
+        Error::RetentionExpired => AuditOutcome::RetentionExpired,
+        Error::PurposeNotConsented => AuditOutcome::PurposeNotConsented,
+        Error::NotEnrolled => AuditOutcome::NotEnrolled,
+        Error::TooManyTemplates { .. } => AuditOutcome::TooManyTemplates,
+        Error::WrongUserKey => AuditOutcome::WrongUserKey,
+        Error::NotSplitCustody => AuditOutcome::NotSplitCustody,
+        _ => AuditOutcome::Error,
     }
 }
