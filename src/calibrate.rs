@@ -153,13 +153,22 @@ where
     I: IntoIterator<Item = (S, Embedding)>,
     S: AsRef<str>,
 {
-    if !(target_fmr > 0.0 && target_fmr < 1.0) {
-        return Err(Error::Config(format!(
-            "target FMR must be in (0, 1), got {target_fmr}"
-        )));
-    }
+    check_target_fmr(target_fmr)?;
     let s = score_pairs(samples, dim)?;
     Ok(s.calibrate(target_fmr))
+}
+
+/// [`Error::Config`] unless `target_fmr` is in (0, 1): what [`calibrate`]
+/// checks first, for callers that score pairs once and calibrate the
+/// [`Scores`] themselves.
+pub fn check_target_fmr(target_fmr: f64) -> Result<()> {
+    if target_fmr > 0.0 && target_fmr < 1.0 {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "target FMR must be in (0, 1), got {target_fmr}"
+        )))
+    }
 }
 
 impl Scores {

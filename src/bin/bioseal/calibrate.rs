@@ -16,11 +16,7 @@ pub(crate) fn calibrate_cmd(
     apply: bool,
     plot: Option<&Path>,
 ) -> R<u8> {
-    if !(target_fmr > 0.0 && target_fmr < 1.0) {
-        return Err(input(format!(
-            "target FMR must be in (0, 1), got {target_fmr}"
-        )));
-    }
+    cal::check_target_fmr(target_fmr)?;
     let lines = read_lines(pairs)?;
     let bar = progress(lines.len() as u64, "reading");
     let mut samples = Vec::with_capacity(lines.len());
